@@ -1,0 +1,7 @@
+"""The model core: config, the Llama-family transformer, checkpoint I/O and the tokenizer."""
+
+from effllm.models.checkpoint import load_config, load_model, save_model
+from effllm.models.config import ModelConfig
+from effllm.models.transformer import CausalLM
+
+__all__ = ["CausalLM", "ModelConfig", "load_config", "load_model", "save_model"]

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Tests are small; two threads match CI's two cores and avoid oversubscription.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

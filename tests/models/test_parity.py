@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tests.models.hf_fixtures import VARIANTS, save_hf_model
 
 from effllm.models import load_model
 from effllm.models.kv_cache import ContiguousKVCache
+from tests.models.hf_fixtures import VARIANTS, save_hf_model
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

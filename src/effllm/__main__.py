@@ -1,0 +1,5 @@
+import sys
+
+from effllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks: measured speed and memory, peers run side by side, JSON out."""

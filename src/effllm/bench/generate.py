@@ -1,0 +1,124 @@
+"""`effllm bench generate`: batch-1 prefill and decode speed of effllm beside transformers' `generate`.
+
+Both run the same weights in the same process, one after the other, with a warm-up each. Prefill speed
+is prompt tokens over the time to the first token; decode speed is the later tokens over the time
+between the first and the last token (per-step timestamps, as in the CPU baseline study).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from effllm.bench.shapes import SHAPES, shape_config
+from effllm.models import CausalLM, load_model, save_model
+from effllm.models.generation import GenerationOptions, generate_tokens
+
+
+def _effllm_run(model: CausalLM, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    opts = GenerationOptions(max_tokens=new_tokens)
+    stamps = []
+    start = time.perf_counter()
+    for _ in generate_tokens(model, prompt, opts):
+        stamps.append(time.perf_counter())
+    return stamps[0] - start, stamps[-1] - stamps[0]
+
+
+def _hf_run(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, stopping_criteria=StoppingCriteriaList([Stamp()]), pad_token_id=0)
+    return stamps[0] - start, stamps[-1] - stamps[0]
+
+
+def _measure(run, model, prompt, new_tokens, reps) -> dict:
+    run(model, prompt[:16], 4)  # warm-up
+    prefill, decode = [], []
+    for _ in range(reps):
+        ttft, rest = run(model, prompt, new_tokens)
+        prefill.append(len(prompt) / ttft)
+        decode.append((new_tokens - 1) / rest)
+    return {
+        "prefill_tokens_per_s": statistics.median(prefill),
+        "decode_tokens_per_s": statistics.median(decode),
+        "prefill_runs": [round(x, 2) for x in prefill],
+        "decode_runs": [round(x, 2) for x in decode],
+    }
+
+
+def run_generate_bench(
+    model_path: str | None = None,
+    shape: str = "smollm-135m",
+    dtype: str = "float32",
+    prompt_tokens: int = 512,
+    new_tokens: int = 128,
+    reps: int = 3,
+    peers: bool = True,
+) -> dict:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_path is None:
+            model_path = str(Path(tmp) / "model")
+            save_model(CausalLM(shape_config(shape)).to(getattr(torch, dtype)), model_path)
+        model = load_model(model_path, dtype=dtype, device="cpu")
+        vocab = model.config.vocab_size
+        prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+        result = {
+            "model": shape if model_path.startswith(tmp) else model_path,
+            "dtype": dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": 1,
+            "threads": torch.get_num_threads(),
+            "effllm": _measure(_effllm_run, model, prompt, new_tokens, reps),
+        }
+        del model
+        if peers:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                      attn_implementation="sdpa").eval()
+            with torch.inference_mode():
+                result["transformers"] = _measure(_hf_run, hf, prompt, new_tokens, reps)
+            for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+                result[f"{key.split('_')[0]}_speedup_vs_transformers"] = round(
+                    result["effllm"][key] / result["transformers"][key], 3)
+    return result
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: random weights of --shape)")
+    parser.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES), help="random model shape")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-peers", action="store_true", help="skip transformers")
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run_generate_bench(args.model, args.shape, args.dtype, args.prompt_tokens, args.new_tokens, args.reps,
+                                not args.no_peers)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['model']} {args.dtype}, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens")
+    for name in ("effllm", "transformers"):
+        if name in result:
+            r = result[name]
+            print(f"  {name:13s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:6.1f} tok/s")
+    return 0

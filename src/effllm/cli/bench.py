@@ -1,0 +1,22 @@
+"""`effllm bench`: measured speed and memory, JSON with --json. Each benchmark is a module of effllm.bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# subcommand -> (module, one-line help)
+BENCHES = {
+    "generate": ("effllm.bench.generate", "batch-1 prefill and decode tokens/s beside transformers"),
+    "load-memory": ("effllm.bench.load_memory", "peak RAM while loading a checkpoint, over its size"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="run a benchmark (JSON with --json)", description=__doc__)
+    benches = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module_name, help_text) in BENCHES.items():
+        module = importlib.import_module(module_name)
+        sub = benches.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_args(sub)
+        sub.set_defaults(func=module.main)

@@ -1,0 +1,92 @@
+"""`effllm generate` and `effllm init-model` from the command line, including bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from effllm.cli import main
+from effllm.cli.generate import StopStringStream
+from effllm.cli.init_model import init_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return init_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("effllm: error: ") and "Traceback" not in err
+    return err
+
+
+def test_generate_streams_greedy_text_deterministically(tiny, capsys):
+    assert main(["generate", "Hello", "--model", str(tiny), "--max-tokens", "8"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", "Hello", "--model", str(tiny), "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == first and first.endswith("\n")
+
+
+def test_generate_chat_and_sampling_options_run(tiny, capsys):
+    argv = ["generate", "Hi", "--model", str(tiny), "--chat", "--system", "Be brief.", "--max-tokens", "6",
+            "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    assert main(argv) == 0
+    a = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == a
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert "does not exist" in _one_line_error(capsys, ["generate", "x", "--model", str(tmp_path / "none")])
+
+
+def test_truncated_weights(tmp_path, capsys):
+    folder = init_model(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    assert "truncated" in _one_line_error(capsys, ["generate", "x", "--model", str(folder)])
+
+
+def test_unknown_model_type(tmp_path, capsys):
+    folder = init_model(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "falcon"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "llama, qwen2, mistral" in _one_line_error(capsys, ["generate", "x", "--model", str(folder)])
+
+
+def test_prompt_longer_than_the_context(tiny, capsys):
+    err = _one_line_error(capsys, ["generate", "a" * 1500, "--model", str(tiny)])
+    assert "context is 1024" in err
+
+
+def test_invalid_sampling_option(tiny, capsys):
+    assert "top_p" in _one_line_error(capsys, ["generate", "x", "--model", str(tiny), "--top-p", "0"])
+
+
+def test_init_model_refuses_a_non_empty_folder(tiny, capsys):
+    assert "not empty" in _one_line_error(capsys, ["init-model", str(tiny)])
+
+
+def test_entry_point_bad_input_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "effllm", "generate", "x", "--model", str(tmp_path / "no")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_stop_strings_cut_where_they_begin_across_deltas():
+    stream = StopStringStream(["END", "\n\n"])
+    out = []
+    for delta in ["Hel", "lo E", "N", "D tail"]:
+        text, stopped = stream.push(delta)
+        out.append(text)
+        if stopped:
+            break
+    assert "".join(out) == "Hello " and stopped
+    stream = StopStringStream(["xyz"])
+    text, stopped = stream.push("abcxy")
+    assert (text, stopped) == ("abc", False) and stream.flush() == "xy"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from effllm.analyze.hardware import Hardware, get_hardware, measure_hardware
+from effllm.analyze.roofline import roofline_fraction
 from effllm.bench.shapes import SHAPES, shape_config
 from effllm.models import CausalLM, load_model, save_model
 from effllm.models.generation import GenerationOptions, generate_tokens
@@ -62,6 +64,18 @@ def _measure(run, model, prompt, new_tokens, reps) -> dict:
     }
 
 
+def _roofline_fractions(result: dict, config, hardware: Hardware, bits: int) -> None:
+    """Add each engine's measured speed as a fraction of the roofline (decode at the mean context)."""
+    p, n = result["prompt_tokens"], result["new_tokens"]
+    for name in ("effllm", "transformers"):
+        if name in result:
+            r = result[name]
+            r["prefill_fraction_of_roofline"] = roofline_fraction(
+                config, hardware, "prefill", 1, p, r["prefill_tokens_per_s"], bits, bits)
+            r["decode_fraction_of_roofline"] = roofline_fraction(
+                config, hardware, "decode", 1, p + n // 2, r["decode_tokens_per_s"], bits, bits)
+
+
 def run_generate_bench(
     model_path: str | None = None,
     shape: str = "smollm-135m",
@@ -70,14 +84,18 @@ def run_generate_bench(
     new_tokens: int = 128,
     reps: int = 3,
     peers: bool = True,
+    hardware: str | Hardware | None = None,
 ) -> dict:
+    """Measure effllm (and transformers) side by side; `hardware` None measures this machine in the run."""
+    hw = get_hardware(hardware) if hardware is not None else measure_hardware(copy_mib=512, repeats=3)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if model_path is None:
             model_path = str(Path(tmp) / "model")
             save_model(CausalLM(shape_config(shape)).to(getattr(torch, dtype)), model_path)
         model = load_model(model_path, dtype=dtype, device="cpu")
-        vocab = model.config.vocab_size
+        config = model.config
+        vocab = config.vocab_size
         prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
         result = {
             "model": shape if model_path.startswith(tmp) else model_path,
@@ -96,6 +114,8 @@ def run_generate_bench(
             for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
                 result[f"{key.split('_')[0]}_speedup_vs_transformers"] = round(
                     result["effllm"][key] / result["transformers"][key], 3)
+    _roofline_fractions(result, config, hw, torch.finfo(getattr(torch, dtype)).bits)
+    result["hardware"] = hw.to_dict()
     return result
 
 
@@ -107,12 +127,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true", help="skip transformers")
+    parser.add_argument("--hardware", default=None,
+                        help="roofline hardware (name or .json; default: measure this machine in the same run)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
 def main(args: argparse.Namespace) -> int:
     result = run_generate_bench(args.model, args.shape, args.dtype, args.prompt_tokens, args.new_tokens, args.reps,
-                                not args.no_peers)
+                                not args.no_peers, args.hardware)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -120,5 +142,7 @@ def main(args: argparse.Namespace) -> int:
     for name in ("effllm", "transformers"):
         if name in result:
             r = result[name]
-            print(f"  {name:13s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:6.1f} tok/s")
+            print(f"  {name:13s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s "
+                  f"({r['prefill_fraction_of_roofline']:.0%} of roofline)   decode {r['decode_tokens_per_s']:6.1f} tok/s "
+                  f"({r['decode_fraction_of_roofline']:.0%} of roofline)")
     return 0

@@ -14,7 +14,7 @@ import sys
 from effllm import __version__
 from effllm.core.errors import EffLLMError
 
-COMMANDS = ("generate", "init_model", "bench", "analyze")
+COMMANDS = ("generate", "init_model", "bench", "analyze", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

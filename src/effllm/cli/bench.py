@@ -9,6 +9,7 @@ import importlib
 BENCHES = {
     "generate": ("effllm.bench.generate", "batch-1 prefill and decode tokens/s beside transformers"),
     "load-memory": ("effllm.bench.load_memory", "peak RAM while loading a checkpoint, over its size"),
+    "train": ("effllm.bench.train", "training tokens/s, MFU and peak memory of one model and optimizer"),
 }
 
 

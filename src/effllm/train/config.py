@@ -1,0 +1,241 @@
+"""`TrainConfig`: every option of a training run, one field per `effllm train` flag.
+
+A YAML file (`--config`) uses the same names, with dashes or underscores; flags given on the command line
+win over the file, the file over the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from effllm.core.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
+SCHEDULES = ("cosine", "linear", "constant")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    """A field whose metadata carries the flag's help text (and choices)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run (pretraining or fine-tuning)."""
+
+    # ---------------------------------------------------------------- model
+    model: str | None = _opt(None, "checkpoint folder or hub id to start from (default: the embedded default model)")
+    model_config: str | None = _opt(None, "config.json of a new model trained from scratch (needs --tokenizer)")
+    tokenizer: str | None = _opt(None, "tokenizer folder (default: the --model's own)")
+    # ---------------------------------------------------------------- data
+    data: list[str] = _opt([], "training data: text files, folders, jsonl with a text field, chat jsonl (messages)")
+    eval_data: list[str] = _opt([], "held-out data (default: --eval-fraction of --data)")
+    eval_fraction: float = _opt(0.01, "fraction of the packed sequences held out for evaluation when no --eval-data")
+    text_field: str = _opt("text", "the field of a jsonl record that holds its text")
+    cache_dir: str | None = _opt(None, "where tokenized shards are cached (default OUT/cache)")
+    out: str | None = _opt(None, "run folder: checkpoints, metrics, and the final model")
+    # ---------------------------------------------------------------- length of the run and batch
+    steps: int = _opt(1000, "optimizer steps")
+    seq_len: int = _opt(512, "tokens per packed training sequence")
+    batch_size: int = _opt(8, "sequences per micro-batch, per process")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    # ---------------------------------------------------------------- optimizer and schedule
+    optimizer: str = _opt("adamw", "optimizer name: adamw, sgd, or any effllm.optim provides")
+    optimizer_options: dict[str, Any] = _opt({}, "optimizer options as KEY=VALUE (e.g. betas=[0.9,0.95] rank=128)")
+    lr: float = _opt(3e-4, "peak learning rate")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (not applied to norms and biases)")
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    schedule: str = _opt("cosine", "learning-rate decay after warmup", SCHEDULES)
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
+    clip_grad: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
+    # ---------------------------------------------------------------- numerics and memory
+    precision: str = _opt("fp32", "fp32, or bf16 autocast over fp32 weights", PRECISIONS)
+    activation_checkpointing: bool = _opt(False, "recompute decoder layers in the backward pass")
+    device: str | None = _opt(None, "cpu, cuda or cuda:N (default: CUDA when available; torchrun: the local rank's GPU)")
+    parallel: str = _opt("ddp", "how torchrun processes share the model", PARALLEL)
+    # ---------------------------------------------------------------- evaluation, checkpoints, output
+    eval_every: int = _opt(0, "evaluate held-out perplexity every N steps (0 = only at the end)")
+    eval_batches: int = _opt(0, "most held-out micro-batches per evaluation (0 = all)")
+    save_every: int = _opt(0, "save a resumable checkpoint every N steps (0 = only the final model)")
+    keep_last: int = _opt(2, "checkpoints kept; older ones are deleted")
+    resume: bool = _opt(False, "continue the run in --out from its latest checkpoint (fresh start when it has none)")
+    seed: int = _opt(0, "seed of the initial weights, the data order and every random choice")
+    log_every: int = _opt(10, "print a progress line every N steps when stderr is not a terminal")
+    peak_tflops: float | None = _opt(None, "peak TFLOP/s per process for model FLOPs utilisation (default: detected)")
+    tensorboard: bool = _opt(True, "also log to TensorBoard under OUT/tensorboard when it is installed")
+    # ---------------------------------------------------------------- training methods
+    method: str | None = _opt(None, "training method plugged into the loop (see effllm.train.methods)")
+    method_options: dict[str, Any] = _opt({}, "the method's options as KEY=VALUE")
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "options") -> TrainConfig:
+        """Build from a mapping whose keys are field names, with dashes or underscores."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                close = [n for n in known if n.startswith(name[:4])]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(f"{source}: unknown option {key!r}{hint}")
+            kwargs[name] = _coerce(name, value, _field_type(cls, name), source)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """The YAML file's options, with `overrides` (e.g. flags given on the command line) on top."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path}; pass an existing YAML file to --config") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of option names to values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in raw:
+            if str(key).replace("-", "_") not in known:
+                raise ConfigError(f"{path}: unknown option {key!r}; the options are the flags of `effllm train`")
+        merged = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        for key, value in (overrides or {}).items():
+            key = key.replace("-", "_")
+            both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = {**merged[key], **value} if both_dicts else value  # flags add to the file's options
+        return cls.from_dict(merged, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML values (tuples in options become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ------------------------------------------------------------------ checks that need no files
+    def validate(self) -> None:
+        """Raise ConfigError on options that cannot make a run (files are checked when they are opened)."""
+        if self.model and self.model_config:
+            raise ConfigError("pass one of --model (a checkpoint to start from) or --model-config (a new model), not both")
+        if self.model_config and not self.tokenizer:
+            raise ConfigError("--model-config needs --tokenizer (make one with `effllm tokenizer train`)")
+        if not self.data:
+            raise ConfigError("pass training data with --data (text files, folders or jsonl)")
+        if not self.out:
+            raise ConfigError("pass the run folder with --out")
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_grad < 0 or self.weight_decay < 0:
+            raise ConfigError("--clip-grad and --weight-decay must not be negative")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                  f"got {getattr(self, f.name)!r}")
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """['rank=128', 'betas=[0.9,0.95]'] -> {'rank': 128, 'betas': [0.9, 0.95]} (values read as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} takes KEY=VALUE pairs, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = _numbers(yaml.safe_load(value))
+        except yaml.YAMLError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads '1e-7' as a string; make such strings numbers (in lists and mappings too)."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Check (and gently convert) a value against the field's type: YAML reads '3e-4' as a string."""
+    flag = f"{name.replace('_', '-')}"
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "false", "no", "0"):
+                return str(value).lower() in ("true", "yes", "1")
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            return [str(v) for v in values]
+        if origin is dict:
+            if isinstance(value, list):
+                return parse_key_values([str(v) for v in value], f"--{flag}")
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k).replace("-", "_"): _numbers(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{source}: {flag} cannot be {value!r}; it takes {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return "a list of paths"
+    if origin is dict:
+        return "a mapping of KEY: VALUE"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

@@ -1,0 +1,88 @@
+"""How training methods plug into the loop: callbacks, found by name.
+
+A callback is any object with some of these methods; the trainer calls those it has:
+
+- `on_step_begin(step)`: before optimizer step `step` (0-based: the number of steps already taken).
+  Layer sampling (LISA, OwLore) freezes and unfreezes blocks here.
+- `on_step_end(step, metrics)`: after step `step` (1-based, as in metrics.jsonl); may add to `metrics`.
+- `on_save(step, folder)`: after checkpoint `folder` was written (rank 0).
+- `state_dict()` / `load_state_dict(state)`: saved in each checkpoint (per process) and restored on resume.
+
+A method registers a factory, `register_method(name, factory)`, and is then chosen with
+`effllm train --method NAME --method-options k=v ...`. The factory is called once the trainer is set up
+as `factory(trainer, **options)` (model, optimizer, data and config are its attributes) and returns a
+callback or a list of them. A method that changes the objective instead passes `loss_fn` to `Trainer`.
+Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.lisa` / `.owlore` take).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from effllm.core.errors import ConfigError
+
+MethodFactory = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    factory: MethodFactory
+    # The method sets requires_grad during training: DDP must then allow parameters without gradients.
+    freezes_parameters: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, factory: MethodFactory, freezes_parameters: bool = False) -> None:
+    """Make `factory` available as `--method name`."""
+    METHODS[name] = Method(factory, freezes_parameters)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown training method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def build_method(name: str, trainer: Any, options: dict[str, Any]) -> list[Any]:
+    """The callbacks of method `name`; ConfigError for an unknown method or option."""
+    try:
+        made = get_method(name).factory(trainer, **options)
+    except TypeError as e:
+        raise ConfigError(f"--method {name}: {e}; check --method-options") from None
+    return list(made) if isinstance(made, (list, tuple)) else [made]
+
+
+class _SamplerCallback:
+    """A `LayerSampler` stepped with the trainer's optimizer, whose state it frees for frozen blocks."""
+
+    def __init__(self, sampler: Any, trainer: Any):
+        self.sampler, self.trainer = sampler, trainer
+
+    def on_step_begin(self, step: int) -> None:
+        self.sampler.on_step_begin(step, self.trainer.optimizer)
+
+
+def _layer_sampling(kind: str) -> MethodFactory:
+    def factory(trainer: Any, **options: Any) -> _SamplerCallback:
+        from effllm.train.distributed import unwrap
+        from effllm.train.layer_sampling import LayerSampler
+
+        options.setdefault("seed", trainer.config.seed)
+        return _SamplerCallback(getattr(LayerSampler, kind)(unwrap(trainer.model), **options), trainer)
+
+    return factory
+
+
+register_method("lisa", _layer_sampling("lisa"), freezes_parameters=True)
+register_method("owlore", _layer_sampling("owlore"), freezes_parameters=True)
+
+
+def call_hook(callbacks: list[Any], hook: str, *args: Any) -> None:
+    for callback in callbacks:
+        fn = getattr(callback, hook, None)
+        if fn is not None:
+            fn(*args)

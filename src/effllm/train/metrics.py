@@ -110,12 +110,16 @@ def detect_peak_tflops(device: torch.device, precision: str) -> float | None:
                 return bf16 if precision == "bf16" else fp32
         return None
     if device.type == "cpu":
-        return _cpu_peak_tflops()
+        return _cpu_peak_tflops(precision)
     return None
 
 
-def _cpu_peak_tflops() -> float | None:
-    """fp32 peak from /proc/cpuinfo: cores x MHz x FLOPs per cycle (2 FMA units x vector width x 2)."""
+def _cpu_peak_tflops(precision: str = "fp32") -> float | None:
+    """Peak from /proc/cpuinfo: cores x MHz x FLOPs per cycle per core.
+
+    fp32: 2 FMA units x vector lanes x 2. bf16: AMX tiles do 1024 FLOPs per cycle (Intel's figure),
+    AVX512-BF16 dot products twice fp32's; without either, bf16 runs at the fp32 rate at best.
+    """
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -126,6 +130,9 @@ def _cpu_peak_tflops() -> float | None:
         return None
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     flops_per_cycle = 2 * lanes * (2 if "fma" in flags or "avx512f" in flags else 1)
+    if precision == "bf16":
+        flops_per_cycle = 1024 if "amx_bf16" in flags else 2 * flops_per_cycle if "avx512_bf16" in flags \
+            else flops_per_cycle
     cores = min(torch.get_num_threads(), len(mhz))
     return cores * max(mhz) * 1e6 * flops_per_cycle / 1e12
 

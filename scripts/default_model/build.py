@@ -3,9 +3,10 @@
     python scripts/default_model/build.py data        # training text -> runs/default-model/data/train.txt
     python scripts/default_model/build.py tokenizer   # 8192-token byte-level BPE with a ChatML template
     python scripts/default_model/build.py train [-- extra effllm train flags, e.g. --resume --device cuda]
+    python scripts/default_model/build.py extend [-- flags]  # continue at the full 512-token context
     python scripts/default_model/build.py ship        # bf16 copy into src/effllm/assets/default-model
 
-`all` runs the four in order. Training is resumable: rerun `train -- --resume` after an interruption.
+`all` runs the five in order. Training is resumable: rerun `train -- --resume` after an interruption.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def tokenizer() -> None:
         sys.exit(rc)
 
 
-def train(extra: list[str]) -> None:
+def train(extra: list[str], recipe: str = "train.yaml") -> None:
     from effllm.cli import main
 
-    rc = main(["train", "--config", str(RECIPE / "train.yaml"), *extra])
+    rc = main(["train", "--config", str(RECIPE / recipe), *extra])
     if rc:
         sys.exit(rc)
 
@@ -51,8 +52,8 @@ def ship() -> None:
 
     from effllm.models import load_model, load_tokenizer, save_model
 
-    model = load_model(RUN / "train", dtype=torch.bfloat16, device="cpu")
-    tok = load_tokenizer(RUN / "train")
+    model = load_model(RUN / "ctx512", dtype=torch.bfloat16, device="cpu")
+    tok = load_tokenizer(RUN / "ctx512")
     if ASSET.exists():
         shutil.rmtree(ASSET)
     save_model(model, ASSET, tokenizer=tok)
@@ -64,15 +65,18 @@ def main(argv: list[str]) -> None:
     steps = {"data": data, "tokenizer": tokenizer, "ship": ship}
     if step == "train":
         train(extra)
+    elif step == "extend":
+        train(extra, "extend-context.yaml")
     elif step == "all":
         data()
         tokenizer()
         train(extra)
+        train(extra, "extend-context.yaml")
         ship()
     elif step in steps:
         steps[step]()
     else:
-        sys.exit(f"unknown step {step!r}; use data, tokenizer, train, ship or all")
+        sys.exit(f"unknown step {step!r}; use data, tokenizer, train, extend, ship or all")
 
 
 if __name__ == "__main__":

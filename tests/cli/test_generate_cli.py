@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from effllm.cli import main
-from effllm.cli.generate import StopStringStream
 from effllm.cli.init_model import init_model
 
 
@@ -60,7 +59,7 @@ def test_unknown_model_type(tmp_path, capsys):
 
 def test_prompt_longer_than_the_context(tiny, capsys):
     err = _one_line_error(capsys, ["generate", "a" * 1500, "--model", str(tiny)])
-    assert "context is 1024" in err
+    assert "1500 tokens" in err and "1024" in err
 
 
 def test_invalid_sampling_option(tiny, capsys):
@@ -78,15 +77,9 @@ def test_entry_point_bad_input_exits_2_without_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
-def test_stop_strings_cut_where_they_begin_across_deltas():
-    stream = StopStringStream(["END", "\n\n"])
-    out = []
-    for delta in ["Hel", "lo E", "N", "D tail"]:
-        text, stopped = stream.push(delta)
-        out.append(text)
-        if stopped:
-            break
-    assert "".join(out) == "Hello " and stopped
-    stream = StopStringStream(["xyz"])
-    text, stopped = stream.push("abcxy")
-    assert (text, stopped) == ("abc", False) and stream.flush() == "xy"
+def test_stop_string_ends_the_streamed_text_where_it_begins(tiny, capsys):
+    assert main(["generate", "Hello", "--model", str(tiny), "--max-tokens", "12"]) == 0
+    full = capsys.readouterr().out.rstrip("\n")
+    stop = full[3:5]
+    assert main(["generate", "Hello", "--model", str(tiny), "--max-tokens", "12", "--stop", stop]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == full[: full.find(stop)]

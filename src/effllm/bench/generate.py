@@ -1,4 +1,4 @@
-"""`effllm bench generate`: batch-1 prefill and decode speed of effllm beside transformers' `generate`.
+"""`effllm bench generate`: batch-1 prefill and decode speed of effllm's engine beside transformers' `generate`.
 
 Both run the same weights in the same process, one after the other, with a warm-up each. Prefill speed
 is prompt tokens over the time to the first token; decode speed is the later tokens over the time
@@ -19,16 +19,18 @@ import torch
 from effllm.analyze.hardware import Hardware, get_hardware, measure_hardware
 from effllm.analyze.roofline import roofline_fraction
 from effllm.bench.shapes import SHAPES, shape_config
+from effllm.engine import LLMEngine, SamplingParams
 from effllm.models import CausalLM, load_model, save_model
-from effllm.models.generation import GenerationOptions, generate_tokens
 
 
-def _effllm_run(model: CausalLM, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    opts = GenerationOptions(max_tokens=new_tokens)
+def _effllm_run(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
     stamps = []
     start = time.perf_counter()
-    for _ in generate_tokens(model, prompt, opts):
-        stamps.append(time.perf_counter())
+    engine.add_request(f"bench-{start}", {"prompt_token_ids": prompt}, params)
+    while engine.has_unfinished_requests():
+        if engine.step():
+            stamps.append(time.perf_counter())
     return stamps[0] - start, stamps[-1] - stamps[0]
 
 
@@ -101,7 +103,7 @@ def run_generate_bench(
             "model": shape if model_path.startswith(tmp) else model_path,
             "dtype": dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": 1,
             "threads": torch.get_num_threads(),
-            "effllm": _measure(_effllm_run, model, prompt, new_tokens, reps),
+            "effllm": _measure(_effllm_run, LLMEngine(model), prompt, new_tokens, reps),
         }
         del model
         if peers:

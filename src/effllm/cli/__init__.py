@@ -14,7 +14,7 @@ import sys
 from effllm import __version__
 from effllm.core.errors import EffLLMError
 
-COMMANDS = ("generate", "init_model", "train", "tokenizer", "eval", "bench", "analyze")
+COMMANDS = ("generate", "init_model", "serve", "train", "tokenizer", "eval", "bench", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

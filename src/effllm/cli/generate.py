@@ -30,42 +30,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from effllm.models import load_model
+    from effllm.engine import LLMEngine, SamplingParams
     from effllm.models.default import model_or_default
-    from effllm.models.detokenize import IncrementalDetokenizer
-    from effllm.models.generation import GenerationOptions, generate_tokens
-    from effllm.models.tokenizer import load_tokenizer
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    opts = GenerationOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed)
     if any(not s for s in args.stop):
         raise InputError("--stop needs a non-empty string")
-    model_path = model_or_default(args.model)
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=args.dtype, device=args.device)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=list(args.stop))
+    engine = LLMEngine.from_pretrained(model_or_default(args.model), dtype=args.dtype, device=args.device)
+    tokenizer = engine.tokenizer
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        request = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
     else:
-        prompt_ids = tokenizer.encode(prompt)
-    opts.stop_token_ids = list(set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids))
-
-    stream = StopStringStream(args.stop)
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids, skip_special_tokens=True)
-    stopped = False
-    for token in generate_tokens(model, prompt_ids, opts):
-        if token in opts.stop_token_ids:
-            break
-        out, stopped = stream.push(detok.add(token))
-        _write(out)
-        if stopped:
-            break
-    if not stopped:
-        out, stopped = stream.push(detok.flush())
-        _write(out if stopped else out + stream.flush())
+        request = {"prompt_token_ids": tokenizer.encode(prompt)}
+    engine.add_request("generate", request, params)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            _write(output.outputs[0].delta_text)
     _write("\n")
     return 0
 
@@ -74,26 +59,3 @@ def _write(text: str) -> None:
     if text:
         sys.stdout.write(text)
         sys.stdout.flush()
-
-
-class StopStringStream:
-    """Cuts streamed text where a stop string begins, holding back text that may start one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.pending = ""
-
-    def push(self, delta: str) -> tuple[str, bool]:
-        self.pending += delta
-        cuts = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            out, self.pending = self.pending[: min(cuts)], ""
-            return out, True
-        keep = min(self.hold, len(self.pending))
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out

@@ -1,0 +1,162 @@
+"""Attention backends over the paged KV cache: what the model's attention layers call in an engine step.
+
+The model runner flattens a step into one sequence of tokens (single-token queries first, then prefill
+chunks), calls `prepare` once with the step's layout, then runs the model; every attention layer calls
+the backend with its new q, k, v. The backend writes k and v into the cache at the step's slots and
+attends each query over its own sequence's keys. Everything per step (block tables, masks) is built in
+`prepare` or once per distinct window, never per layer, and nothing in a layer waits on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from effllm.engine.kv_cache import PagedKVCache
+from effllm.engine.request import Request
+from effllm.kernels.attention import sdpa_attention
+from effllm.kernels.cpu_paged_attention import cpu_kernel_available, paged_decode_attention_cpu, split_rows
+from effllm.kernels.paged_attention import (
+    decode_key_mask,
+    paged_attention_triton,
+    paged_decode_attention,
+    paged_prefill_attention,
+    write_kv,
+)
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # index of the chunk's first query in the flattened step
+    end: int
+    num_computed: int  # keys cached before the chunk (its first query's position)
+    block_ids: torch.Tensor  # [blocks] covering the chunk's last position
+
+
+class PagedAttention:
+    """CPU (and reference) backend: decodes batched into one call, prefill chunks one SDPA call each.
+
+    Decodes use the compiled CPU kernel when it is available (float32 on CPU), else gathered blocks
+    and SDPA; `use_compiled=False` forces the latter.
+    """
+
+    def __init__(self, cache: PagedKVCache, use_compiled: bool = True):
+        self.cache = cache
+        self.device = cache.k[0].device
+        cpu_f32 = self.device.type == "cpu" and cache.k[0].dtype == torch.float32
+        self.use_compiled = use_compiled and cpu_f32 and cpu_kernel_available()
+        self.slot_mapping = torch.zeros(0, dtype=torch.long)
+        self.decode_blocks: list[list[int]] = []
+        self.decode_lens: list[int] = []
+        self.prefills: list[PrefillChunk] = []
+        self._decode_views: dict[int | None, tuple] = {}  # per window: what the decode kernel takes
+
+    def prepare(self, requests: list[Request], num_tokens: list[int], slot_mapping: torch.Tensor) -> None:
+        """Lay out a step: `requests` in flattened order, each computing `num_tokens` new tokens."""
+        self.slot_mapping = slot_mapping
+        self._decode_views = {}
+        self.decode_blocks, self.decode_lens, self.prefills = [], [], []
+        start = 0
+        for request, n in zip(requests, num_tokens, strict=True):
+            end_pos = request.num_computed_tokens + n
+            if n == 1:
+                self.decode_blocks.append(request.block_ids)
+                self.decode_lens.append(end_pos)
+            else:
+                blocks = request.block_ids[: -(-end_pos // self.cache.block_size)]
+                block_ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
+                self.prefills.append(PrefillChunk(start, start + n, request.num_computed_tokens, block_ids))
+            start += n
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None,
+                scale: float) -> torch.Tensor:
+        if window not in self._decode_views:
+            self._decode_views[window] = self._compiled_view(window) if self.use_compiled else self._sdpa_view(window)
+        view = self._decode_views[window]
+        if self.use_compiled:
+            return paged_decode_attention_cpu(q, k_cache, v_cache, *view, scale)
+        return paged_decode_attention(q, k_cache, v_cache, *view, scale)
+
+    def _compiled_view(self, window: int | None) -> tuple:
+        """Full block tables, key counts and first visible keys of the decodes, and the threads' rows."""
+        lo = [0 if window is None else max(0, n - window) for n in self.decode_lens]
+        width = max(len(b) for b in self.decode_blocks)
+        tables = torch.tensor([b + [0] * (width - len(b)) for b in self.decode_blocks], dtype=torch.long)
+        splits = split_rows(self.decode_lens, lo, torch.get_num_threads())
+        return tables, torch.tensor(self.decode_lens), torch.tensor(lo), splits
+
+    def _sdpa_view(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block tables [B, blocks] and key mask of the decodes, keeping only blocks inside the window."""
+        bs = self.cache.block_size
+        firsts = [0 if window is None else max(0, n - window) // bs for n in self.decode_lens]
+        spans = zip(self.decode_blocks, firsts, self.decode_lens, strict=True)
+        rows = [blocks[f : -(-n // bs)] for blocks, f, n in spans]
+        width = max(len(r) for r in rows)
+        pad = self.cache.scratch_block
+        tables = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device)
+        full = window is None and all(n == width * bs for n in self.decode_lens)
+        mask = None
+        if not full:
+            lens = torch.tensor(self.decode_lens, device=self.device)
+            first_pos = torch.tensor(firsts, device=self.device) * bs
+            mask = decode_key_mask(lens, first_pos, width * bs, window)
+        return tables, mask
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 window: int | None, scale: float) -> torch.Tensor:
+        q, k, v = q[0], k[0], v[0]  # [T, heads, D]: the engine runs one flattened sequence
+        k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        write_kv(k_cache, v_cache, k, v, self.slot_mapping)
+        num_decodes = len(self.decode_lens)
+        parts = []
+        if num_decodes:
+            parts.append(self._decode(q[:num_decodes], k_cache, v_cache, window, scale))
+        for chunk in self.prefills:
+            qc = q[chunk.start : chunk.end]
+            if chunk.num_computed == 0:  # nothing cached before the chunk: its own keys are all there is
+                out = sdpa_attention(qc[None], k[None, chunk.start : chunk.end], v[None, chunk.start : chunk.end],
+                                     scale=scale, window=window)[0]
+            else:
+                out = paged_prefill_attention(qc, k_cache, v_cache, chunk.block_ids, chunk.num_computed, window,
+                                              scale)
+            parts.append(out)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
+
+
+class TritonPagedAttention:
+    """CUDA backend: one Triton launch per layer for the whole step, decodes and prefill chunks alike.
+
+    Its inputs are tensors of fixed shape for a given number of tokens, so a pure-decode step can be
+    captured in a CUDA graph; `bind` points the backend at the graph's static buffers.
+    """
+
+    def __init__(self, cache: PagedKVCache):
+        self.cache = cache
+        self.device = cache.k[0].device
+        self.slot_mapping = self.block_tables = self.seq_ids = self.positions = None
+
+    def bind(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_ids: torch.Tensor,
+             positions: torch.Tensor) -> None:
+        """Use these device tensors as the step's layout (block_tables, seq_ids, positions int32)."""
+        self.slot_mapping, self.block_tables, self.seq_ids, self.positions = slot_mapping, block_tables, seq_ids, positions
+
+    def prepare(self, requests: list[Request], num_tokens: list[int], slot_mapping: torch.Tensor) -> None:
+        width = max(len(r.block_ids) for r in requests)
+        pad = self.cache.scratch_block
+        tables = [r.block_ids + [pad] * (width - len(r.block_ids)) for r in requests]
+        seq_ids, positions = [], []
+        for i, (request, n) in enumerate(zip(requests, num_tokens, strict=True)):
+            seq_ids += [i] * n
+            positions += range(request.num_computed_tokens, request.num_computed_tokens + n)
+        as_int32 = dict(dtype=torch.int32, device=self.device)
+        self.bind(slot_mapping, torch.tensor(tables, **as_int32), torch.tensor(seq_ids, **as_int32),
+                  torch.tensor(positions, **as_int32))
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 window: int | None, scale: float) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        write_kv(k_cache, v_cache, k[0], v[0], self.slot_mapping)
+        out = paged_attention_triton(q[0].contiguous(), k_cache, v_cache, self.block_tables, self.seq_ids,
+                                     self.positions, window, scale)
+        return out[None]

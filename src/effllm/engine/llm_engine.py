@@ -1,0 +1,195 @@
+"""`LLMEngine`: requests in, one step at a time, `RequestOutput`s out.
+
+    engine = LLMEngine.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    engine.add_request("a", "Hello", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():           # requests that advanced this step
+            print(out.request_id, out.outputs[0].delta_text, out.finished)
+
+Each step schedules (Scheduler), runs one forward and samples (ModelRunner), appends the tokens and
+stops what should stop (Scheduler.update), then detokenizes and matches stop strings (OutputProcessor).
+The engine is synchronous and single-threaded; an async server drives `step` from one loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from effllm.core.dtypes import parse_device, parse_dtype
+from effllm.core.errors import ConfigError, InputError
+from effllm.engine.block_manager import BlockManager
+from effllm.engine.config import EngineConfig
+from effllm.engine.model_runner import ModelRunner
+from effllm.engine.output_processor import OutputProcessor, ParentRequest
+from effllm.engine.outputs import RequestOutput
+from effllm.engine.request import Request
+from effllm.engine.sampling_params import SamplingParams
+from effllm.engine.scheduler import Scheduler
+from effllm.models.checkpoint import load_model
+from effllm.models.hub import resolve_model_path
+from effllm.models.tokenizer import load_tokenizer
+from effllm.models.transformer import CausalLM
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_computed_tokens: int = 0  # tokens run through the model (prefill chunks, decodes, recomputes)
+    num_prefix_cache_hit_tokens: int = 0  # prompt tokens taken from the prefix cache instead
+    num_preemptions: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config.resolve(model.config.max_position_embeddings, model.device)
+        self.runner = ModelRunner(model, self.config)
+        # A request may use the model's context, but never more than the whole cache holds.
+        cache_tokens = self.runner.num_blocks * self.config.block_size
+        if cache_tokens < self.config.max_model_len:
+            self.config.max_model_len = cache_tokens
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.parents: dict[str, ParentRequest] = {}
+        self._parent_of: dict[Request, ParentRequest] = {}
+        eos = list(model.config.eos_token_ids) + list(getattr(tokenizer, "eos_token_ids", None) or [])
+        self.eos_token_ids = frozenset(eos)
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, tokenizer: Any = None, **options: Any) -> LLMEngine:
+        """Load a checkpoint (folder or hub id) and its tokenizer (when the folder has one)."""
+        config = EngineConfig(**options)
+        model = load_model(path_or_id, dtype=config.dtype, device=config.device)
+        if tokenizer is None and (resolve_model_path(path_or_id) / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(path_or_id)
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        return cls(model, tokenizer, config)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a prompt: text, token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
+        params = params or SamplingParams()
+        if request_id in self.parents:
+            raise InputError(f"request id {request_id!r} is already in use; give each request its own id")
+        text, ids = self._tokenize(prompt)
+        self._validate(ids, params)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        parent = ParentRequest(request_id, text, ids, params, arrival_time)
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            request = Request(request_id if params.n == 1 else f"{request_id}-{i}", ids, params,
+                              self.eos_token_ids, seed, arrival_time)
+            if i and self.config.enable_prefix_caching:
+                request.wait_for = parent.samples[0].request  # then share its prompt blocks
+            parent.samples.append(self.output_processor.new_sample(request))
+            self._parent_of[request] = parent
+        for sample in parent.samples:
+            self.scheduler.add(sample.request)
+        self.parents[request_id] = parent
+
+    def abort(self, request_ids: str | list[str]) -> None:
+        """Stop requests now and free their blocks; unknown or finished ids are ignored."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self.parents.pop(request_id, None)
+            for sample in parent.samples if parent else []:
+                self.scheduler.finish(sample.request, "abort")
+                del self._parent_of[sample.request]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.parents)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an output for every request that produced tokens or finished."""
+        out = self.scheduler.schedule()
+        self.stats.num_preemptions += len(out.preempted)
+        if not out:
+            if self.scheduler.has_unfinished() and not out.preempted:
+                raise RuntimeError("the scheduler found nothing to run while requests wait; this is a bug")
+            return []
+        sampled = self.runner.execute(out)
+        self.scheduler.update(out, sampled)
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += out.total_tokens
+        self.stats.num_prefix_cache_hit_tokens = self.scheduler.num_prefix_hit_tokens
+        touched: dict[str, ParentRequest] = {}
+        for request in sampled:
+            parent = self._parent_of[request]
+            touched[parent.request_id] = parent
+            sample = next(s for s in parent.samples if s.request is request)
+            stop = self.output_processor.add_tokens(sample)
+            if stop is not None:
+                if request.is_finished:  # ended by EOS or length in the same token: the stop string wins
+                    request.finish_reason, request.stop_reason = "stop", stop
+                else:
+                    self.scheduler.finish(request, "stop", stop)
+        outputs = []
+        for parent in touched.values():
+            outputs.append(self.output_processor.make_output(parent))
+            if parent.finished:
+                del self.parents[parent.request_id]
+                for sample in parent.samples:
+                    del self._parent_of[sample.request]
+        return outputs
+
+    # ------------------------------------------------------------------ input checks
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise InputError("a prompt dict needs 'prompt_token_ids' or 'prompt'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this engine has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InputError(f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}")
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InputError("the prompt is empty; give at least one token")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InputError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise InputError(
+                f"the prompt has {len(ids)} tokens but a request may hold at most {limit} (prompt and output "
+                "together, max_model_len or what the KV cache holds); shorten the prompt"
+            )
+        if params.stop and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer; use stop_token_ids, or load the model with one")
+
+
+def make_engine(model: CausalLM | str | os.PathLike, tokenizer: Any = None, **options: Any) -> LLMEngine:
+    """An engine over an already loaded model (moved to options' dtype and device) or a checkpoint."""
+    if not isinstance(model, CausalLM):
+        return LLMEngine.from_pretrained(model, tokenizer, **options)
+    config = EngineConfig(**options)
+    if config.device is not None or config.dtype is not None:
+        device = parse_device(config.device) if config.device is not None else model.device
+        model = model.to(device=device, dtype=parse_dtype(config.dtype) or model.dtype)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    if tokenizer is not None and not hasattr(tokenizer, "encode"):
+        raise ConfigError(f"tokenizer must be a Tokenizer or a folder, not {type(tokenizer).__name__}")
+    return LLMEngine(model, tokenizer, config)
+

@@ -1,0 +1,404 @@
+"""`/v1/completions` and `/v1/chat/completions`: validated requests in, OpenAI responses out.
+
+A request becomes token-id prompts and one `SamplingParams`; the async engine runs them (n samples per
+prompt); the outputs become one response or a stream of server-sent events ending in `data: [DONE]`.
+Choice i*n + j is sample j of prompt i. Streamed deltas come from the engine's `delta_text`, which
+holds back a possible stop-string prefix, so the deltas always add up to the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
+
+from effllm.core.errors import EffLLMError
+from effllm.engine.outputs import CompletionOutput, RequestOutput
+from effllm.engine.sampling_params import SamplingParams
+from effllm.models.tokenizer import Tokenizer, _bytes_to_unicode
+from effllm.serve.async_engine import AsyncEngine, RequestStream
+from effllm.serve.errors import APIError, error_body
+from effllm.serve.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+CLIENT_CLOSED = 499  # nginx's status for a client that went away; only the request log sees it
+_RESERVED_TEMPLATE_KEYS = {"messages", "add_generation_prompt", "continue_final_message", "tokenize", "tools",
+                           "documents", "chat_template"}
+
+
+class ContextLengthError(APIError):
+    code = "context_length_exceeded"
+
+
+@dataclass
+class Served:
+    """What the handlers share: the engine, its tokenizer and limits, the public model name."""
+
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+
+    @functools.cached_property
+    def tokens(self) -> TokenText:
+        return TokenText(self.tokenizer)
+
+
+# ---------------------------------------------------------------- requests to engine inputs
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The engine's parameters for a request (OpenAI's defaults where it leaves a field out)."""
+    return SamplingParams(
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        stop_token_ids=list(req.stop_token_ids or []),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos,
+        seed=req.seed,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def check_prompt(served: Served, ids: list[int], max_tokens: int | None, param: str) -> None:
+    """400 for token ids outside the vocabulary or a prompt (plus max_tokens) over the context."""
+    bad = next((t for t in ids if t >= served.vocab_size), None)
+    if bad is not None:
+        raise APIError(f"token id {bad} is outside the vocabulary [0, {served.vocab_size})", param=param)
+    limit = served.max_model_len
+    if len(ids) >= limit or (max_tokens is not None and len(ids) + max_tokens > limit):
+        asked = f"{len(ids)} in the prompt" + (f", {max_tokens} in the completion" if max_tokens else "")
+        raise ContextLengthError(
+            f"this model's maximum context length is {limit} tokens, but you requested "
+            f"{len(ids) + (max_tokens or 0)} tokens ({asked}); shorten the prompt or lower max_tokens",
+            param=param,
+        )
+
+
+def completion_prompts(served: Served, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt of a completion request."""
+    ids, texts = [], []
+    for prompt in req.prompts():
+        if isinstance(prompt, str):
+            ids.append(served.tokenizer.encode(prompt))
+            texts.append(prompt)
+        else:
+            ids.append(list(prompt))
+            texts.append(served.tokenizer.decode(prompt) if req.echo else "")
+        check_prompt(served, ids[-1], req.max_tokens, "prompt")
+    return ids, texts
+
+
+def chat_prompt(served: Served, req: ChatCompletionRequest) -> list[int]:
+    """The chat rendered through the model's chat template, as token ids."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    reserved = _RESERVED_TEMPLATE_KEYS & kwargs.keys()
+    if reserved:
+        raise APIError(f"chat_template_kwargs may not set {sorted(reserved)}", param="chat_template_kwargs")
+    text = served.tokenizer.apply_chat_template(
+        req.chat_messages(), add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message, **kwargs)
+    ids = served.tokenizer.encode(text, add_special_tokens=False)
+    check_prompt(served, ids, req.max_new_tokens(), "messages")
+    return ids
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+class TokenText:
+    """Each token's text and exact bytes (byte-level BPE tokens may hold part of a character)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.byte_level = type(tokenizer.backend.decoder).__name__ == "ByteLevel"
+        self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one instance per server, the cache is its point
+    def text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def bytes(self, token_id: int) -> list[int]:
+        piece = self.tokenizer.id_to_token(token_id) if self.byte_level else None
+        if piece is not None and token_id not in self.tokenizer.special_token_ids and all(
+                c in self.byte_of for c in piece):
+            return [self.byte_of[c] for c in piece]
+        return list(self.text(token_id).encode("utf-8"))
+
+
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def completion_logprobs(tokens: TokenText, ids: list[int], entries: list[dict[int, float]], k: int,
+                        offset: int) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs: parallel lists, top_logprobs as {token text: logprob} (k and the sampled)."""
+    out = CompletionLogprobs()
+    for token, entry in zip(ids, entries, strict=True):
+        text = tokens.text(token)
+        out.tokens.append(text)
+        out.token_logprobs.append(entry.get(token))
+        top = {tokens.text(t): lp for t, lp in _top(entry, k)}
+        top.setdefault(text, entry.get(token))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(tokens: TokenText, ids: list[int], entries: list[dict[int, float]], k: int) -> ChatLogprobs:
+    content = []
+    for token, entry in zip(ids, entries, strict=True):
+        top = [TopLogprob(token=tokens.text(t), logprob=lp, bytes=tokens.bytes(t)) for t, lp in _top(entry, k)]
+        content.append(TokenLogprob(token=tokens.text(token), logprob=entry.get(token, float("-inf")),
+                                    bytes=tokens.bytes(token), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+def _new_logprobs(c: CompletionOutput) -> list[dict[int, float]]:
+    """Log-probabilities of the tokens this step added."""
+    return (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids):]
+
+
+# ---------------------------------------------------------------- running a request
+
+
+async def collect(stream: RequestStream, request: Request) -> list[RequestOutput] | None:
+    """Each prompt's final output, or None when the client disconnected first (the stream is aborted)."""
+    finals: dict[int, RequestOutput] = {}
+
+    async def run() -> None:
+        async for i, out in stream:
+            if out.finished:
+                finals[i] = out
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(run()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, watch):
+            task.cancel()
+    if not work.done() or work.cancelled():
+        stream.abort()
+        return None
+    work.result()  # re-raise an engine or timeout error
+    return [finals[i] for i in sorted(finals)]
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events from `body`; the request is aborted however the response ends."""
+
+    def __init__(self, body: AsyncIterator[str], stream: RequestStream):
+        # no-cache and X-Accel-Buffering keep proxies (nginx) from holding events back
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.abort()
+
+
+def _event(data: BaseModel | dict) -> str:
+    body = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
+    return f"data: {body}\n\n"
+
+
+async def _events(stream: RequestStream, chunks: AsyncIterator[BaseModel], usage: _UsageCount,
+                  include_usage: bool, make_usage_chunk) -> AsyncIterator[str]:
+    """Chunks as SSE lines, then the usage chunk if asked, then [DONE]; an error mid-stream is an event."""
+    async with stream:
+        try:
+            async for chunk in chunks:
+                yield _event(chunk)
+            if include_usage:
+                yield _event(make_usage_chunk(usage.usage()))
+        except EffLLMError as e:
+            yield _event(error_body(getattr(e, "http_status", 400), str(e), getattr(e, "param", None),
+                                    getattr(e, "code", None)))
+    yield "data: [DONE]\n\n"
+
+
+@dataclass
+class _UsageCount:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens, self.completion_tokens)
+
+    def add_final(self, out: RequestOutput) -> None:
+        self.prompt_tokens += len(out.prompt_token_ids)
+        self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+
+
+def record_usage(request: Request, usage: _UsageCount) -> None:
+    """Hand the token counts to the request log (it reads them when the response ends)."""
+    request.scope["effllm.usage"] = usage
+
+
+# ---------------------------------------------------------------- /v1/completions
+
+
+async def create_completion(served: Served, req: CompletionRequest, request: Request) -> Response:
+    prompts, texts = completion_prompts(served, req)
+    params = sampling_params(req, req.max_tokens, req.logprobs)
+    stream = served.engine.submit(prompts, params)
+    rid, created, usage = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _UsageCount()
+    record_usage(request, usage)
+    echo = texts if req.echo else [""] * len(prompts)
+    if req.stream:
+        chunks = _completion_chunks(served, req, stream, rid, created, echo, usage)
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        usage_chunk = functools.partial(CompletionResponse, id=rid, created=created, model=served.model_name,
+                                        choices=[])
+        return SSEResponse(_events(stream, chunks, usage, include, lambda u: usage_chunk(usage=u)), stream)
+    async with stream:
+        finals = await collect(stream, request)
+    if finals is None:
+        return Response(status_code=CLIENT_CLOSED)
+    choices = []
+    for i, out in enumerate(finals):
+        usage.add_final(out)
+        for c in out.outputs:
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(served.tokens, c.token_ids, c.logprobs or [], req.logprobs,
+                                               len(echo[i]))
+            choices.append(CompletionChoice(index=i * req.n + c.index, text=echo[i] + c.text, logprobs=logprobs,
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+    body = CompletionResponse(id=rid, created=created, model=served.model_name, choices=choices,
+                              usage=usage.usage())
+    return JSONResponse(body.model_dump())
+
+
+async def _completion_chunks(served: Served, req: CompletionRequest, stream: RequestStream, rid: str,
+                             created: int, echo: list[str], usage: _UsageCount) -> AsyncIterator[BaseModel]:
+    offsets: dict[int, int] = {}  # text emitted per choice, for logprobs' text_offset
+    done: set[int] = set()
+    async for i, out in stream:
+        choices = []
+        for c in out.outputs:
+            index = i * req.n + c.index
+            if index in done:
+                continue
+            prefix = echo[i] if index not in offsets else ""
+            offset = offsets.setdefault(index, 0)
+            logprobs = None
+            if req.logprobs is not None and c.delta_token_ids:
+                logprobs = completion_logprobs(served.tokens, c.delta_token_ids, _new_logprobs(c), req.logprobs,
+                                               offset + len(prefix))
+            text = prefix + c.delta_text
+            offsets[index] = offset + len(text)
+            if c.finished:
+                done.add(index)
+            if text or logprobs or c.finished:
+                choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        if out.finished:
+            usage.add_final(out)
+        if choices:
+            yield CompletionResponse(id=rid, created=created, model=served.model_name, choices=choices)
+
+
+# ---------------------------------------------------------------- /v1/chat/completions
+
+
+async def create_chat_completion(served: Served, req: ChatCompletionRequest, request: Request) -> Response:
+    prompt = chat_prompt(served, req)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, req.max_new_tokens(), top)
+    stream = served.engine.submit([prompt], params)
+    rid, created, usage = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _UsageCount()
+    record_usage(request, usage)
+    if req.stream:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        chunks = _chat_chunks(served, req, stream, rid, created, usage)
+        usage_chunk = functools.partial(ChatCompletionChunk, id=rid, created=created, model=served.model_name,
+                                        choices=[])
+        return SSEResponse(_events(stream, chunks, usage, include, lambda u: usage_chunk(usage=u)), stream)
+    async with stream:
+        finals = await collect(stream, request)
+    if finals is None:
+        return Response(status_code=CLIENT_CLOSED)
+    (out,) = finals
+    usage.add_final(out)
+    choices = []
+    for c in out.outputs:
+        logprobs = chat_logprobs(served.tokens, c.token_ids, c.logprobs or [], top) if top is not None else None
+        choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
+                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+    body = ChatCompletionResponse(id=rid, created=created, model=served.model_name, choices=choices,
+                                  usage=usage.usage())
+    return JSONResponse(body.model_dump())
+
+
+async def _chat_chunks(served: Served, req: ChatCompletionRequest, stream: RequestStream, rid: str,
+                       created: int, usage: _UsageCount) -> AsyncIterator[BaseModel]:
+    top = (req.top_logprobs or 0) if req.logprobs else None
+
+    def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=rid, created=created, model=served.model_name, choices=choices)
+
+    # OpenAI opens each choice with the assistant role and empty content.
+    yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(req.n)])
+    done: set[int] = set()
+    async for _, out in stream:
+        choices = []
+        for c in out.outputs:
+            if c.index in done:
+                continue
+            logprobs = None
+            if top is not None and c.delta_token_ids:
+                logprobs = chat_logprobs(served.tokens, c.delta_token_ids, _new_logprobs(c), top)
+            if c.finished:
+                done.add(c.index)
+            if c.delta_text or logprobs or c.finished:
+                choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=c.delta_text or None),
+                                               logprobs=logprobs, finish_reason=c.finish_reason))
+        if out.finished:
+            usage.add_final(out)
+        if choices:
+            yield chunk(choices)

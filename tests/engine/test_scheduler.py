@@ -1,0 +1,159 @@
+"""Scheduler invariants, as properties over random workloads.
+
+A fake model stands in for the network: like a real key, what it writes at a token's slot depends on
+the token and everything before it (a hash of the prefix). It checks that every earlier position of the
+sequence reads back its own value through the block table (so shared prefix blocks, recomputes after
+preemption and reused blocks are all consistent), and "samples" a token that is a function of the
+sequence alone. So the outputs must equal those of each
+request run alone, whatever the batching, chunking, preemption and prefix sharing.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from effllm.engine import LLM, SamplingParams
+from effllm.engine.block_manager import BlockManager
+from effllm.engine.config import EngineConfig
+from effllm.engine.request import Request
+from effllm.engine.scheduler import Scheduler
+
+BLOCK = 4
+VOCAB = 3  # a small alphabet, so that prompts share blocks (and whole prefixes) by chance too
+
+
+def next_token(tokens: list[int]) -> int:
+    return (sum(t * (i + 1) for i, t in enumerate(tokens)) + len(tokens)) % VOCAB
+
+
+def run_alone(prompt: list[int], max_tokens: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(next_token(tokens))
+    return tokens[len(prompt) :]
+
+
+def prefix_hashes(tokens: list[int]) -> list[int]:
+    out, h = [], 0
+    for t in tokens:
+        h = hash((h, t))
+        out.append(h)
+    return out
+
+
+class ShadowModel:
+    def __init__(self, num_blocks: int):
+        self.slots = [-1] * (num_blocks * BLOCK)
+
+    def execute(self, out):
+        sampled = {}
+        for request, n in zip(out.requests, out.num_tokens, strict=True):
+            end = request.num_computed_tokens + n
+            slot = [request.block_ids[p // BLOCK] * BLOCK + p % BLOCK for p in range(end)]
+            keys = prefix_hashes(request.token_ids[:end])
+            for p in range(request.num_computed_tokens, end):
+                self.slots[slot[p]] = keys[p]
+            assert [self.slots[s] for s in slot] == keys, "a sequence reads keys that are not its own"
+            if end == request.num_tokens:
+                sampled[request] = (next_token(request.token_ids), None)
+        return sampled
+
+
+def check_blocks(blocks: BlockManager, live: list[Request]) -> None:
+    """Reference counts equal the number of holders; free blocks are exactly those nobody holds; a block
+    is shared only when it is a registered prefix-cache block."""
+    holders = [0] * blocks.num_blocks
+    for request in live:
+        for b in request.block_ids:
+            holders[b] += 1
+    assert holders == blocks.ref_counts
+    assert set(blocks.free_queue) == {b for b in range(blocks.num_blocks) if holders[b] == 0}
+    assert all(blocks.block_keys[b] is not None for b in range(blocks.num_blocks) if holders[b] > 1)
+
+
+workloads = st.fixed_dictionaries({
+    "prompts": st.lists(st.lists(st.integers(0, 1), min_size=1, max_size=60), min_size=1, max_size=12),
+    "shared_prefix": st.lists(st.integers(0, 1), max_size=24),
+    "max_tokens": st.lists(st.integers(1, 16), min_size=12, max_size=12),
+    "arrival_steps": st.lists(st.integers(0, 6), min_size=12, max_size=12),
+    "aborts": st.dictionaries(st.integers(0, 11), st.integers(0, 20), max_size=3),
+    "max_num_seqs": st.integers(1, 6),
+    "extra_budget": st.integers(0, 40),
+    "extra_blocks": st.integers(0, 40),
+    "chunked": st.booleans(),
+    "prefix_caching": st.booleans(),
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads)
+def test_scheduler_invariants(w):
+    prompts = [w["shared_prefix"] + p for p in w["prompts"]]
+    longest = max(len(p) + m for p, m in zip(prompts, w["max_tokens"], strict=False))
+    num_blocks = -(-longest // BLOCK) + w["extra_blocks"]
+    config = EngineConfig(
+        block_size=BLOCK, num_kv_blocks=num_blocks, max_num_seqs=w["max_num_seqs"],
+        max_num_batched_tokens=w["max_num_seqs"] + w["extra_budget"], enable_chunked_prefill=w["chunked"],
+        enable_prefix_caching=w["prefix_caching"],
+    ).resolve(max_position_embeddings=256, device=torch.device("cpu"))
+    blocks = BlockManager(num_blocks, BLOCK, w["prefix_caching"])
+    scheduler = Scheduler(config, blocks)
+    model = ShadowModel(num_blocks)
+    requests = [Request(str(i), p, SamplingParams(max_tokens=m))
+                for i, (p, m) in enumerate(zip(prompts, w["max_tokens"], strict=False))]
+    step = 0
+    while step <= 6 or scheduler.has_unfinished():
+        for i, request in enumerate(requests):
+            if w["arrival_steps"][i] == step:
+                scheduler.add(request)
+            if w["aborts"].get(i) == step and request in scheduler.running + list(scheduler.waiting):
+                scheduler.finish(request, "abort")
+        ready_decodes = [r for r in scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        out = scheduler.schedule()
+        assert out.total_tokens <= config.max_num_batched_tokens
+        assert len(scheduler.running) <= config.max_num_seqs
+        # Decode-first: every decode was scheduled (or preempted), ahead of every multi-token chunk.
+        assert all(r in out.requests or r in out.preempted for r in ready_decodes)
+        sizes = out.num_tokens
+        assert sizes == sorted(sizes, key=lambda n: n > 1)
+        if not config.enable_chunked_prefill:
+            assert all(n == r.num_tokens - r.num_computed_tokens for r, n in zip(out.requests, sizes, strict=True))
+        scheduler.update(out, model.execute(out))
+        check_blocks(blocks, scheduler.running + list(scheduler.waiting))
+        step += 1
+        assert step < 2000, "the workload did not finish"
+    assert blocks.num_free_blocks == num_blocks and not any(blocks.ref_counts)
+    for i, request in enumerate(requests):
+        assert request.is_finished
+        if request.finish_reason != "abort":
+            assert request.output_token_ids == run_alone(prompts[i], w["max_tokens"][i])
+
+
+def test_preemption_under_a_small_cache_keeps_greedy_outputs(tiny_llama):
+    gen = torch.Generator().manual_seed(5)
+    prompts = [{"prompt_token_ids": torch.randint(0, 128, (n,), generator=gen).tolist()} for n in (40, 70, 25, 90, 55, 8)]
+    params = SamplingParams(temperature=0, max_tokens=30)
+    roomy = LLM(tiny_llama, max_num_seqs=6, max_num_batched_tokens=48)
+    # 20 blocks of 16 tokens cannot hold all six sequences at once: some are preempted and recomputed.
+    tight = LLM(tiny_llama, max_num_seqs=6, max_num_batched_tokens=48, num_kv_blocks=20)
+    expected = [o.token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    got = [o.token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert tight.engine.stats.num_preemptions > 0
+    assert roomy.engine.stats.num_preemptions == 0
+    assert got == expected
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_no_block_leaks_after_finish_and_abort(tiny_llama, prefix_caching):
+    llm = LLM(tiny_llama, max_num_seqs=4, max_num_batched_tokens=32, enable_prefix_caching=prefix_caching)
+    engine = llm.engine
+    for i in range(6):
+        engine.add_request(str(i), list(range(1, 30 + 5 * i)), SamplingParams(temperature=0, max_tokens=20, n=1 + i % 2))
+    for _ in range(5):
+        engine.step()
+    engine.abort(["1", "4"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not any(engine.block_manager.ref_counts)

@@ -10,17 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from effllm.analyze.hardware import Hardware, get_hardware, measure_hardware
 from effllm.analyze.roofline import roofline_fraction
-from effllm.bench.shapes import SHAPES, shape_config
+from effllm.bench.shapes import SHAPES, bench_checkpoint
 from effllm.engine import LLMEngine, SamplingParams
-from effllm.models import CausalLM, load_model, save_model
+from effllm.models import load_model
 
 
 def _effllm_run(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -91,16 +89,13 @@ def run_generate_bench(
     """Measure effllm (and transformers) side by side; `hardware` None measures this machine in the run."""
     hw = get_hardware(hardware) if hardware is not None else measure_hardware(copy_mib=512, repeats=3)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        if model_path is None:
-            model_path = str(Path(tmp) / "model")
-            save_model(CausalLM(shape_config(shape)).to(getattr(torch, dtype)), model_path)
+    with bench_checkpoint(model_path, shape, dtype) as (model_path, label):
         model = load_model(model_path, dtype=dtype, device="cpu")
         config = model.config
         vocab = config.vocab_size
         prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
         result = {
-            "model": shape if model_path.startswith(tmp) else model_path,
+            "model": label,
             "dtype": dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": 1,
             "threads": torch.get_num_threads(),
             "effllm": _measure(_effllm_run, LLMEngine(model), prompt, new_tokens, reps),

@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from effllm.bench.shapes import SHAPES, shape_config
+from effllm.bench.shapes import SHAPES, bench_checkpoint
 from effllm.bench.throughput import add_engine_args, engine_options, random_prompts
 from effllm.engine import LLM, LLMEngine, SamplingParams
-from effllm.models import CausalLM, load_model, save_model
+from effllm.models import CausalLM, load_model
 
 
 def _summary(values: list[float]) -> dict:
@@ -109,15 +107,12 @@ def run_latency(
 ) -> dict:
     """TTFT/TPOT at batch 1 (beside transformers) and under arrivals with chunked prefill on and off."""
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        if model_path is None:
-            model_path = str(Path(tmp) / "model")
-            save_model(CausalLM(shape_config(shape)).to(getattr(torch, dtype)), model_path)
+    with bench_checkpoint(model_path, shape, dtype) as (model_path, label):
         model = load_model(model_path, dtype=dtype, device=options.get("device"))
         vocab = model.config.vocab_size
         prompt = random_prompts(1, prompt_tokens, prompt_tokens, vocab, seed)[0]
         result = {
-            "model": shape if model_path.startswith(tmp) else model_path, "dtype": dtype,
+            "model": label, "dtype": dtype,
             "threads": torch.get_num_threads(), "device": str(model.device),
             "batch1": {"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "reps": reps,
                        "effllm": _effllm_batch1(model, prompt, output_tokens, reps, options)},

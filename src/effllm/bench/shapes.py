@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 from effllm.analyze.shapes import PRESETS
 from effllm.core.errors import ConfigError
 from effllm.models.config import ModelConfig
@@ -17,3 +22,20 @@ def shape_config(name: str) -> ModelConfig:
     if name not in SHAPES:
         raise ConfigError(f"unknown model shape {name!r}; choose one of {', '.join(SHAPES)}")
     return ModelConfig.from_hf_dict(SHAPES[name])
+
+
+@contextmanager
+def bench_checkpoint(model_path: str | None, shape: str, dtype: str) -> Iterator[tuple[str, str]]:
+    """(folder, label) of the model to measure: `model_path` as is, or random weights of `shape` saved to a
+    temporary folder (so that peers such as transformers load the very same weights)."""
+    if model_path is not None:
+        yield model_path, model_path
+        return
+    import torch
+
+    from effllm.models import CausalLM, save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(Path(tmp) / "model")
+        save_model(CausalLM(shape_config(shape)).to(getattr(torch, dtype)), folder)
+        yield folder, shape

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from effllm.bench.shapes import SHAPES, shape_config
+from effllm.bench.shapes import SHAPES, bench_checkpoint
 from effllm.engine import LLM, SamplingParams
-from effllm.models import CausalLM, load_model, save_model
+from effllm.models import CausalLM, load_model
 
 
 def random_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -89,14 +87,11 @@ def run_throughput(
 ) -> dict:
     """Offline throughput of effllm (and transformers on the same prompts and weights)."""
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        if model_path is None:
-            model_path = str(Path(tmp) / "model")
-            save_model(CausalLM(shape_config(shape)).to(getattr(torch, dtype)), model_path)
+    with bench_checkpoint(model_path, shape, dtype) as (model_path, label):
         model = load_model(model_path, dtype=dtype, device=engine_options.get("device"))
         prompts = random_prompts(num_requests, input_len_min, input_len_max, model.config.vocab_size, seed)
         result = {
-            "model": shape if model_path.startswith(tmp) else model_path,
+            "model": label,
             "dtype": dtype, "num_requests": num_requests, "input_len": [input_len_min, input_len_max],
             "output_len": output_len, "prompt_tokens": sum(map(len, prompts)),
             "threads": torch.get_num_threads(), "device": str(model.device),

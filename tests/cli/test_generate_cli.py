@@ -38,6 +38,11 @@ def test_generate_chat_and_sampling_options_run(tiny, capsys):
     assert capsys.readouterr().out == a
 
 
+def test_default_model_is_used_without_model(capsys):
+    assert main(["generate", "It was", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 def test_missing_model_folder(tmp_path, capsys):
     assert "does not exist" in _one_line_error(capsys, ["generate", "x", "--model", str(tmp_path / "none")])
 

@@ -14,8 +14,8 @@ def default_model_path() -> Path:
     if (DEFAULT_MODEL_DIR / "config.json").exists():
         return DEFAULT_MODEL_DIR
     raise CheckpointError(
-        "no --model given and this EffLLM ships no default model yet; pass --model FOLDER "
-        "(`effllm init-model OUT` makes a small random one)"
+        f"no --model given and the embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall "
+        "EffLLM or pass --model FOLDER"
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from effllm.analyze.hardware import Hardware, get_hardware, measure_hardware
 from effllm.analyze.roofline import roofline_fraction
 from effllm.bench.shapes import SHAPES, bench_checkpoint
-from effllm.engine import LLMEngine, SamplingParams
+from effllm.engine import EngineConfig, LLMEngine, SamplingParams
 from effllm.models import load_model
 
 
@@ -98,7 +98,9 @@ def run_generate_bench(
             "model": label,
             "dtype": dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": 1,
             "threads": torch.get_num_threads(),
-            "effllm": _measure(_effllm_run, LLMEngine(model), prompt, new_tokens, reps),
+            # Every rep sends the same prompt: without prefix caching off, later reps would skip the prefill.
+            "effllm": _measure(_effllm_run, LLMEngine(model, config=EngineConfig(enable_prefix_caching=False)),
+                               prompt, new_tokens, reps),
         }
         del model
         if peers:

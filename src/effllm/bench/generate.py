@@ -16,7 +16,7 @@ import torch
 
 from effllm.analyze.hardware import Hardware, get_hardware, measure_hardware
 from effllm.analyze.roofline import roofline_fraction
-from effllm.bench.shapes import SHAPES, bench_checkpoint
+from effllm.bench.shapes import add_model_args, bench_checkpoint
 from effllm.engine import EngineConfig, LLMEngine, SamplingParams
 from effllm.models import load_model
 
@@ -119,9 +119,7 @@ def run_generate_bench(
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: random weights of --shape)")
-    parser.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES), help="random model shape")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_model_args(parser)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from effllm.bench.shapes import SHAPES, bench_checkpoint
+from effllm.bench.shapes import add_model_args, bench_checkpoint
 from effllm.bench.throughput import add_engine_args, engine_options, random_prompts
 from effllm.engine import LLM, LLMEngine, SamplingParams
 from effllm.models import CausalLM, load_model
@@ -147,9 +147,7 @@ def run_latency(
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: random weights of --shape)")
-    parser.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES), help="random model shape")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_model_args(parser)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--output-tokens", type=int, default=128, help="batch-1 output tokens")
     parser.add_argument("--reps", type=int, default=3, help="batch-1 repetitions (medians reported)")

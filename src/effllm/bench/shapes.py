@@ -39,3 +39,10 @@ def bench_checkpoint(model_path: str | None, shape: str, dtype: str) -> Iterator
         folder = str(Path(tmp) / "model")
         save_model(CausalLM(shape_config(shape)).to(getattr(torch, dtype)), folder)
         yield folder, shape
+
+
+def add_model_args(parser) -> None:
+    """--model / --shape / --dtype, as every benchmark that measures one model takes them."""
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: random weights of --shape)")
+    parser.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES), help="random model shape")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

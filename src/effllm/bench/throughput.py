@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from effllm.bench.shapes import SHAPES, bench_checkpoint
+from effllm.bench.shapes import add_model_args, bench_checkpoint
 from effllm.engine import LLM, SamplingParams
 from effllm.models import CausalLM, load_model
 
@@ -110,9 +110,7 @@ def run_throughput(
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: random weights of --shape)")
-    parser.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES), help="random model shape")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_model_args(parser)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--input-len-min", type=int, default=128)
     parser.add_argument("--input-len-max", type=int, default=512)

@@ -94,3 +94,11 @@ def test_yaml_options_take_the_flag_names_and_flags_win(argv, tmp_path):
     config = config_from_args(args)
     assert (config.seq_len, config.warmup_steps, config.lr) == (24, 3, 3e-4)
     assert config.optimizer_options == {"betas": [0.8, 0.9], "eps": 1e-7}
+
+
+def test_dropout_out_of_range(argv, capsys, tmp_path):
+    fails(argv("--dropout", "1.0"), capsys, tmp_path, "--dropout must be in [0, 1)")
+
+
+def test_dropout_with_a_zeroth_order_optimizer(argv, capsys, tmp_path):
+    fails(argv("--dropout", "0.1", "--optimizer", "zo_sgd"), capsys, tmp_path, "use --dropout 0")

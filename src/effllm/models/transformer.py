@@ -7,6 +7,7 @@ load without renaming and what we save loads in transformers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,12 +24,16 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLUMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.dropout = 0.0  # on each residual branch, in training only (CausalLM.set_dropout)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend | None = None
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, attn))
+        return x + self._drop(self.mlp(self.post_attention_layernorm(x)))
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, self.dropout, training=True) if self.dropout and self.training else h
 
 
 class DecoderStack(nn.Module):
@@ -41,11 +46,14 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.dropout = 0.0  # on the embeddings, in training only (CausalLM.set_dropout)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend | None = None
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
         cos, sin = self.rotary_emb(positions, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and attn is None:
@@ -95,6 +103,19 @@ class CausalLM(nn.Module):
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in the backward pass instead of storing its activations."""
         self.model.gradient_checkpointing = enabled
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout with probability `p` on the embeddings and on each attention and MLP output before it joins
+        the residual stream (GPT-2's embd/resid dropout), active in `train()` mode only; 0 turns it off.
+
+        A training-time regulariser, not part of the architecture: it is not saved in config.json, and
+        inference (eval mode) is unchanged. Activation checkpointing replays the same dropout masks.
+        """
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.model.dropout = p
+        for layer in self.model.layers:
+            layer.dropout = p
 
     def hidden_states(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, attn: AttentionBackend | None = None

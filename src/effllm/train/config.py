@@ -65,6 +65,7 @@ class TrainConfig:
     # ---------------------------------------------------------------- numerics and memory
     precision: str = _opt("fp32", "fp32, or bf16 autocast over fp32 weights", PRECISIONS)
     activation_checkpointing: bool = _opt(False, "recompute decoder layers in the backward pass")
+    dropout: float = _opt(0.0, "dropout on the embeddings and each residual branch while training (0 = off)")
     device: str | None = _opt(None, "cpu, cuda or cuda:N (default: CUDA when available; torchrun: the local rank's GPU)")
     parallel: str = _opt("ddp", "how torchrun processes share the model", PARALLEL)
     # ---------------------------------------------------------------- evaluation, checkpoints, output
@@ -145,6 +146,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -180,6 +180,9 @@ class Trainer:
         if env.enabled and getattr(self.optimizer, "closure_takes_params", False):
             raise ConfigError(f"--optimizer {cfg.optimizer} (forward gradients) runs on one process only; "
                               "run it without torchrun")
+        if cfg.dropout and not requires_backward(self.optimizer):
+            raise ConfigError(f"--optimizer {cfg.optimizer} compares losses of the same batch, which dropout "
+                              "would make random; use --dropout 0")
         if env.enabled and steps_in_backward(self.optimizer):
             raise ConfigError("layer-wise updates step before gradients are reduced across processes; "
                               "run them without torchrun")
@@ -231,6 +234,7 @@ class Trainer:
         else:
             model = CausalLM(self.model_config).to(device)
         model.set_activation_checkpointing(cfg.activation_checkpointing)
+        model.set_dropout(cfg.dropout)
         return model.train()
 
     def _restore(self, folder: Path) -> None:

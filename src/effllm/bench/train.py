@@ -37,7 +37,7 @@ def run_train_bench(shape: str = "galore-60m", config: ModelConfig | None = None
     name = "custom" if config is not None else shape
     config = config or shape_config(shape)
     dev = parse_device(device)
-    baseline = _reset_peak_memory(dev)
+    baseline = reset_peak_memory(dev)
     torch.manual_seed(seed)
     model = CausalLM(config).to(dev).train()
     model.set_activation_checkpointing(activation_checkpointing)
@@ -78,7 +78,7 @@ def run_train_bench(shape: str = "galore-60m", config: ModelConfig | None = None
         "achieved_tflops": achieved,
         "peak_tflops": peak,
         "mfu": achieved / peak if peak else None,
-        "peak_memory_bytes": (peak_memory := _peak_memory(dev)),
+        "peak_memory_bytes": (peak_memory := peak_memory_bytes(dev)),
         "added_memory_bytes": None if peak_memory is None else peak_memory - baseline,
         "memory_kind": "cuda max allocated" if dev.type == "cuda" else "process peak RSS (VmHWM)",
         "final_loss": loss,
@@ -128,17 +128,17 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reset_peak_memory(device: torch.device) -> int:
+def reset_peak_memory(device: torch.device) -> int:
     """Reset the peak; return the memory in use now (the baseline the run adds to)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
     with contextlib.suppress(OSError):  # writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
-    return _peak_memory(device) or 0
+    return peak_memory_bytes(device) or 0
 
 
-def _peak_memory(device: torch.device) -> int | None:
+def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:

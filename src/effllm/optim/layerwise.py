@@ -67,6 +67,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
+    def inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The per-parameter optimizers that take the steps (their `state` is this optimizer's state)."""
+        return [inner for inner, _ in self._inner.values()]
+
     def release_state(self, params: Iterable[torch.Tensor]) -> None:
         """Drop the optimizer state (moments, projectors) of `params`; they start afresh if trained again."""
         for p in params:

@@ -12,6 +12,8 @@ Reruns skip runs whose final model exists (delete the run folder to retrain).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -62,9 +64,6 @@ def main() -> int:
         train_s = time.perf_counter() - start
         eval_json = out / "persuasion.json"
         if not eval_json.exists():
-            import contextlib
-            import io
-
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer):
                 rc = effllm(["eval", "perplexity", "--model", str(out), "--max-length", str(args.seq_len), "--json"])

@@ -108,7 +108,8 @@ def measure_method(shape: str, method: str, batch_size: int = 2, seq_len: int = 
     torch.manual_seed(seed)
     model = CausalLM(config).to(dev).train()
     grads = _GradientTracker(model)
-    optimizer, sampler, gap = _build(spec, model, paper_rank, lr, seed)
+    optimizer, sampler = _build(spec, model, paper_rank, lr, seed)
+    gap, rank_used = _group_setting(optimizer, "update_proj_gap"), _group_setting(optimizer, "rank")
     env = Distributed(0, 1, 0, dev)
     generator = torch.Generator().manual_seed(seed)
 
@@ -150,7 +151,7 @@ def measure_method(shape: str, method: str, batch_size: int = 2, seq_len: int = 
     layerwise = optimizer is not None and steps_in_backward(optimizer)
     return {
         "shape": shape, "method": method, "description": spec.description,
-        "optimizer": spec.optimizer, "rank": _rank_of(spec, paper_rank),
+        "optimizer": spec.optimizer, "rank": rank_used,
         "layerwise": layerwise, "params": config.num_parameters(), "device": str(dev),
         "threads": torch.get_num_threads(), "precision": precision, "batch_size": batch_size, "seq_len": seq_len,
         "steps": steps,
@@ -172,16 +173,12 @@ def measure_method(shape: str, method: str, batch_size: int = 2, seq_len: int = 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every distinct tensor in the optimizer's state (layer-wise updates: their inner optimizers)."""
-    seen: dict[tuple[int, int], int] = {}
-    visited: set[int] = set()
+    seen: set[tuple[int, int]] = set()  # (address, bytes): a tensor referenced twice counts once
 
     def walk(value: Any) -> None:
-        if id(value) in visited:
-            return
-        visited.add(id(value))
         if isinstance(value, torch.Tensor):
             if value.numel():
-                seen[(value.data_ptr(), value.numel() * value.element_size())] = value.numel() * value.element_size()
+                seen.add((value.data_ptr(), value.numel() * value.element_size()))
         elif isinstance(value, dict):
             for item in value.values():
                 walk(item)
@@ -189,10 +186,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             for item in value:
                 walk(item)
 
-    walk(optimizer.state)
-    for inner in getattr(optimizer, "inner_optimizers", lambda: [])():
-        walk(inner.state)
-    return sum(seen.values())
+    for opt in _with_inner(optimizer):
+        walk(opt.state)
+    return sum(nbytes for _, nbytes in seen)
 
 
 class _GradientTracker:
@@ -215,49 +211,42 @@ class _GradientTracker:
 
 
 def _build(spec: MethodSpec, model: nn.Module, rank: int, lr: float,
-           seed: int) -> tuple[torch.optim.Optimizer | None, Any, int | None]:
-    """(optimizer, layer sampler or None, the method's projector gap or None)."""
+           seed: int) -> tuple[torch.optim.Optimizer | None, Any]:
+    """(optimizer, layer sampler or None); (None, None) for the inference row."""
     if spec.optimizer is None:
         model.eval()
-        return None, None, None
+        return None, None
     from effllm.optim import build_optimizer
 
-    if spec.sampler is not None:
-        from effllm.train.layer_sampling import OWLORE_LOW_RANK, LayerSampler
+    if spec.sampler is None:
+        return build_optimizer(spec.optimizer, model, lr=lr, **spec.options(rank)), None
+    from effllm.train.layer_sampling import OWLORE_LOW_RANK, LayerSampler
 
-        # Random weights have no outliers at OWL's threshold, so OwLore's blocks are drawn uniformly here;
-        # which blocks train changes neither memory nor time.
-        low_rank = OWLORE_LOW_RANK if spec.sampler == "owlore" else None
-        interval = OWLORE_LOW_RANK["update_proj_gap"] if low_rank else LISA_INTERVAL
-        sampler = LayerSampler(model, SAMPLED_LAYERS, interval, seed=seed, low_rank=low_rank)
-        optimizer = build_optimizer(spec.optimizer, sampler.param_groups(), lr=lr)
-        return optimizer, sampler, OWLORE_LOW_RANK["update_proj_gap"] if low_rank else None
-    options = spec.options(rank)
-    optimizer = build_optimizer(spec.optimizer, model, lr=lr, **options)
-    gap = None
-    if "rank" in options:
-        from effllm.optim.registry import optimizer_options
-
-        gap = int(options.get("update_proj_gap", optimizer_options(spec.optimizer)["update_proj_gap"]))
-    return optimizer, None, gap
+    # Random weights have no outliers at OWL's threshold, so OwLore's blocks are drawn uniformly here;
+    # which blocks train changes neither memory nor time.
+    low_rank = OWLORE_LOW_RANK if spec.sampler == "owlore" else None
+    interval = OWLORE_LOW_RANK["update_proj_gap"] if low_rank else LISA_INTERVAL
+    sampler = LayerSampler(model, SAMPLED_LAYERS, interval, seed=seed, low_rank=low_rank)
+    return build_optimizer(spec.optimizer, sampler.param_groups(), lr=lr), sampler
 
 
-def _rank_of(spec: MethodSpec, paper_rank: int) -> int | None:
-    """The GaLore rank the method trains with (None without GaLore)."""
-    if spec.sampler == "owlore":
-        from effllm.train.layer_sampling import OWLORE_LOW_RANK
+def _with_inner(optimizer: torch.optim.Optimizer | None) -> list[torch.optim.Optimizer]:
+    """The optimizer and, for layer-wise updates, the per-parameter optimizers that take the steps."""
+    if optimizer is None:
+        return []
+    return [optimizer, *getattr(optimizer, "inner_optimizers", lambda: [])()]
 
-        return OWLORE_LOW_RANK["rank"]
-    return spec.options(paper_rank).get("rank")
+
+def _group_setting(optimizer: torch.optim.Optimizer | None, key: str) -> Any:
+    """`key` of the first parameter group that has it (GaLore's rank, update_proj_gap), else None."""
+    return next((g[key] for opt in _with_inner(optimizer) for g in opt.param_groups if key in g), None)
 
 
 def _set_gap(optimizer: torch.optim.Optimizer, gap: int) -> None:
-    groups = list(optimizer.param_groups)
-    for inner in getattr(optimizer, "inner_optimizers", lambda: [])():
-        groups.extend(inner.param_groups)
-    for group in groups:
-        if "update_proj_gap" in group:
-            group["update_proj_gap"] = gap
+    for opt in _with_inner(optimizer):
+        for group in opt.param_groups:
+            if "update_proj_gap" in group:
+                group["update_proj_gap"] = gap
 
 
 def _method(name: str) -> MethodSpec:

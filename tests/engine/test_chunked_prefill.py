@@ -29,7 +29,7 @@ def chunked_logits(model, prompt: list[int], chunk: int, compiled: bool = True) 
     while request.num_computed_tokens < len(prompt):
         n = min(chunk, len(prompt) - request.num_computed_tokens)
         assert blocks.allocate(request, n)
-        hidden, _, _ = runner.forward(SchedulerOutput([request], [n]))
+        hidden = runner.forward(runner.layout(SchedulerOutput([request], [n])))
         with torch.inference_mode():
             logits.append(model.logits(hidden))
         request.num_computed_tokens += n

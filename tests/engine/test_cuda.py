@@ -42,10 +42,11 @@ def test_graph_replay_equals_eager_decode_hidden_states(tiny_llama):
         graphed.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=6))
     graphed.step()  # prefill (eager)
     out = graphed.scheduler.schedule()  # three decodes: replayed from the graph of batch size 4
-    hidden_graph, _, _ = graphed.runner.forward(out)
+    layout = graphed.runner.layout(out)
+    hidden_graph = graphed.runner.forward(layout)
     # Recompute the same step eagerly: the keys written again at the same slots are identical.
     graphs, graphed.runner.graphs = graphed.runner.graphs, None
-    hidden_eager, _, _ = graphed.runner.forward(out)
+    hidden_eager = graphed.runner.forward(layout)
     graphed.runner.graphs = graphs
     torch.testing.assert_close(hidden_graph, hidden_eager, atol=1e-4, rtol=1e-4)
 

@@ -1,12 +1,15 @@
-"""Scheduler invariants, as properties over random workloads.
+"""Scheduler invariants, as properties over random workloads (with and without draft tokens to verify).
 
 A fake model stands in for the network: like a real key, what it writes at a token's slot depends on
 the token and everything before it (a hash of the prefix). It checks that every earlier position of the
 sequence reads back its own value through the block table (so shared prefix blocks, recomputes after
 preemption and reused blocks are all consistent), and "samples" a token that is a function of the
 sequence alone. So the outputs must equal those of each
-request run alone, whatever the batching, chunking, preemption and prefix sharing.
+request run alone, whatever the batching, chunking, preemption, prefix sharing and drafts (a fake
+proposer whose drafts are partly wrong: rejected tokens are rolled back and never reach the prefix cache).
 """
+
+import random
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from effllm.engine.block_manager import BlockManager
 from effllm.engine.config import EngineConfig
 from effllm.engine.request import Request
 from effllm.engine.scheduler import Scheduler
+from effllm.engine.spec_decode.proposer import propose_drafts
+from effllm.engine.spec_decode.verify import accept_greedy
 
 BLOCK = 4
 VOCAB = 3  # a small alphabet, so that prompts share blocks (and whole prefixes) by chance too
@@ -43,6 +48,8 @@ def prefix_hashes(tokens: list[int]) -> list[int]:
 
 
 class ShadowModel:
+    """Computes a step's tokens (drafts included) and verifies drafts greedily, as the model runner does."""
+
     def __init__(self, num_blocks: int):
         self.slots = [-1] * (num_blocks * BLOCK)
 
@@ -50,14 +57,32 @@ class ShadowModel:
         sampled = {}
         for request, n in zip(out.requests, out.num_tokens, strict=True):
             end = request.num_computed_tokens + n
+            tokens = request.token_ids + request.draft_token_ids
             slot = [request.block_ids[p // BLOCK] * BLOCK + p % BLOCK for p in range(end)]
-            keys = prefix_hashes(request.token_ids[:end])
+            keys = prefix_hashes(tokens[:end])
             for p in range(request.num_computed_tokens, end):
                 self.slots[slot[p]] = keys[p]
             assert [self.slots[s] for s in slot] == keys, "a sequence reads keys that are not its own"
-            if end == request.num_tokens:
-                sampled[request] = (next_token(request.token_ids), None)
+            if end == len(tokens):
+                targets = [(next_token(tokens[: request.num_tokens + i]), None)
+                           for i in range(len(request.draft_token_ids) + 1)]
+                sampled[request] = accept_greedy(request.draft_token_ids, targets)
         return sampled
+
+
+class FakeProposer:
+    """Drafts k tokens per request: the first `right` are the true continuation, the rest are wrong."""
+
+    def __init__(self, rng: random.Random, k: int):
+        self.rng, self.k = rng, k
+
+    def propose(self, requests):
+        drafts = []
+        for request in requests:
+            right = self.rng.randint(0, self.k)
+            truth = run_alone(request.token_ids, self.k)
+            drafts.append(truth[:right] + [(t + 1) % VOCAB for t in truth[right:]])
+        return drafts
 
 
 def check_blocks(blocks: BlockManager, live: list[Request]) -> None:
@@ -83,6 +108,8 @@ workloads = st.fixed_dictionaries({
     "extra_blocks": st.integers(0, 40),
     "chunked": st.booleans(),
     "prefix_caching": st.booleans(),
+    "num_drafts": st.sampled_from([0, 0, 1, 3]),
+    "draft_seed": st.integers(0, 2**16),
 })
 
 
@@ -100,7 +127,8 @@ def test_scheduler_invariants(w):
     blocks = BlockManager(num_blocks, BLOCK, w["prefix_caching"])
     scheduler = Scheduler(config, blocks)
     model = ShadowModel(num_blocks)
-    requests = [Request(str(i), p, SamplingParams(max_tokens=m))
+    proposer = FakeProposer(random.Random(w["draft_seed"]), w["num_drafts"]) if w["num_drafts"] else None
+    requests = [Request(str(i), p, SamplingParams(temperature=0, max_tokens=m))
                 for i, (p, m) in enumerate(zip(prompts, w["max_tokens"], strict=False))]
     step = 0
     while step <= 6 or scheduler.has_unfinished():
@@ -110,6 +138,8 @@ def test_scheduler_invariants(w):
             if w["aborts"].get(i) == step and request in scheduler.running + list(scheduler.waiting):
                 scheduler.finish(request, "abort")
         ready_decodes = [r for r in scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        if proposer is not None:
+            propose_drafts(proposer, scheduler.running, config.max_model_len)
         out = scheduler.schedule()
         assert out.total_tokens <= config.max_num_batched_tokens
         assert len(scheduler.running) <= config.max_num_seqs
@@ -117,8 +147,13 @@ def test_scheduler_invariants(w):
         assert all(r in out.requests or r in out.preempted for r in ready_decodes)
         sizes = out.num_tokens
         assert sizes == sorted(sizes, key=lambda n: n > 1)
+        # Only whole, accepted blocks are ever cached: every cached key names the tokens its block holds.
+        for r in scheduler.running:
+            assert all(blocks.block_keys[b] is None or blocks.block_keys[b][1] == tuple(r.token_ids[i * BLOCK : (i + 1) * BLOCK])
+                       for i, b in enumerate(r.block_ids[: r.num_computed_tokens // BLOCK]))
         if not config.enable_chunked_prefill:
-            assert all(n == r.num_tokens - r.num_computed_tokens for r, n in zip(out.requests, sizes, strict=True))
+            assert all(n == r.num_tokens + len(r.draft_token_ids) - r.num_computed_tokens
+                       for r, n in zip(out.requests, sizes, strict=True))
         scheduler.update(out, model.execute(out))
         check_blocks(blocks, scheduler.running + list(scheduler.waiting))
         step += 1

@@ -16,10 +16,11 @@ import torch
 
 from effllm.analyze.hardware import Hardware, get_hardware, measure_hardware
 from effllm.analyze.roofline import roofline_fraction
-from effllm.bench.shapes import add_model_args, bench_checkpoint
+from effllm.bench.shapes import add_engine_args, add_model_args, bench_checkpoint, engine_args
 from effllm.engine import EngineConfig, LLMEngine, SamplingParams
 from effllm.models import load_model
 
+NO_PREFIX_CACHING = {"enable_prefix_caching": False}
 
 def _effllm_run(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
@@ -85,12 +86,15 @@ def run_generate_bench(
     reps: int = 3,
     peers: bool = True,
     hardware: str | Hardware | None = None,
+    **engine_options,
 ) -> dict:
     """Measure effllm (and transformers) side by side; `hardware` None measures this machine in the run."""
     hw = get_hardware(hardware) if hardware is not None else measure_hardware(copy_mib=512, repeats=3)
+    # Every rep sends the same prompt: with prefix caching on, later reps would skip the prefill.
+    options = {**NO_PREFIX_CACHING, **engine_options}
     torch.manual_seed(0)
     with bench_checkpoint(model_path, shape, dtype) as (model_path, label):
-        model = load_model(model_path, dtype=dtype, device="cpu")
+        model = load_model(model_path, dtype=dtype, device=engine_options.get("device") or "cpu")
         config = model.config
         vocab = config.vocab_size
         prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -98,9 +102,7 @@ def run_generate_bench(
             "model": label,
             "dtype": dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": 1,
             "threads": torch.get_num_threads(),
-            # Every rep sends the same prompt: without prefix caching off, later reps would skip the prefill.
-            "effllm": _measure(_effllm_run, LLMEngine(model, config=EngineConfig(enable_prefix_caching=False)),
-                               prompt, new_tokens, reps),
+            "effllm": _measure(_effllm_run, LLMEngine(model, config=EngineConfig(**options)), prompt, new_tokens, reps),
         }
         del model
         if peers:
@@ -126,12 +128,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip transformers")
     parser.add_argument("--hardware", default=None,
                         help="roofline hardware (name or .json; default: measure this machine in the same run)")
+    add_engine_args(parser, defaults=NO_PREFIX_CACHING)
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
 def main(args: argparse.Namespace) -> int:
     result = run_generate_bench(args.model, args.shape, args.dtype, args.prompt_tokens, args.new_tokens, args.reps,
-                                not args.no_peers, args.hardware)
+                                not args.no_peers, args.hardware, **engine_args(args))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from effllm.bench.shapes import add_model_args, bench_checkpoint
-from effllm.bench.throughput import add_engine_args, engine_options, random_prompts
+from effllm.bench.shapes import add_engine_args, add_model_args, bench_checkpoint, engine_args
+from effllm.bench.throughput import random_prompts
 from effllm.engine import LLM, LLMEngine, SamplingParams
 from effllm.models import CausalLM, load_model
 
@@ -163,7 +163,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     result = run_latency(args.model, args.shape, args.dtype, args.prompt_tokens, args.output_tokens, args.reps,
                          args.num_requests, args.arrival_every, args.concurrent_output_tokens, args.chunk_budget,
-                         not args.no_peers, **engine_options(args))
+                         not args.no_peers, **engine_args(args))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

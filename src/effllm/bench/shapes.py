@@ -46,3 +46,22 @@ def add_model_args(parser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: random weights of --shape)")
     parser.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES), help="random model shape")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+# --dtype above is the measured model's dtype, so the engine's own dtype option is left out.
+_ENGINE_EXCLUDED = ("dtype",)
+
+
+def add_engine_args(parser, defaults: dict | None = None) -> None:
+    """Every engine option (EngineConfig fields), spelled as `effllm serve` and `effllm generate` spell them."""
+    from effllm.engine.config import add_engine_flags
+
+    add_engine_flags(parser.add_argument_group("engine options (EngineConfig fields)"), exclude=_ENGINE_EXCLUDED,
+                     defaults=defaults)
+
+
+def engine_args(args) -> dict:
+    """The engine options given on the command line."""
+    from effllm.engine.config import engine_options
+
+    return engine_options(args, _ENGINE_EXCLUDED)

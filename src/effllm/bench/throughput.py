@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from effllm.bench.shapes import add_model_args, bench_checkpoint
+from effllm.bench.shapes import add_engine_args, add_model_args, bench_checkpoint, engine_args
 from effllm.engine import LLM, SamplingParams
 from effllm.models import CausalLM, load_model
 
@@ -121,26 +121,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """The engine options a benchmark passes through to `LLM` (EngineConfig fields)."""
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="cap on running sequences")
-    parser.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    return dict(device=args.device, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
-                enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager)
-
-
 def main(args: argparse.Namespace) -> int:
     result = run_throughput(args.model, args.shape, args.dtype, args.num_requests, args.input_len_min,
                             args.input_len_max, args.output_len, args.hf_batch_size, not args.no_peers,
-                            **engine_options(args))
+                            **engine_args(args))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -2,17 +2,16 @@
 
 Every subcommand lives in its own module under `effllm.cli` and exposes `register(subparsers)`, which
 adds its parser and sets `func` to a handler `(args) -> int`. Errors a user can cause (`EffLLMError`)
-become one line on stderr and exit code 2.
+become one line on stderr and exit code 2 (`effllm.cli.errors.run_command`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from effllm import __version__
-from effllm.core.errors import EffLLMError
+from effllm.cli.errors import run_command
 
 COMMANDS = ("generate", "init_model", "serve", "train", "tokenizer", "eval", "bench", "analyze")
 
@@ -35,16 +34,4 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except EffLLMError as e:
-        print(f"effllm: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"effllm: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("effllm: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return run_command(args.func, args)

@@ -6,6 +6,9 @@ import argparse
 import sys
 
 from effllm.core.errors import InputError
+from effllm.engine.config import add_engine_flags, engine_options
+
+ENGINE_EXCLUDED = ("seed",)  # --seed is the request's sampling seed, not the engine generator's
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_engine_flags(p.add_argument_group("engine options (EngineConfig fields)"), exclude=ENGINE_EXCLUDED)
     p.set_defaults(func=run)
 
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--stop needs a non-empty string")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=list(args.stop))
-    engine = LLMEngine.from_pretrained(model_or_default(args.model), dtype=args.dtype, device=args.device)
+    engine = LLMEngine.from_pretrained(model_or_default(args.model), **engine_options(args, ENGINE_EXCLUDED))
     tokenizer = engine.tokenizer
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

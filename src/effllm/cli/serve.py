@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 
-from effllm.core.errors import EffLLMError, InputError
+from effllm.cli.errors import run_command
+from effllm.core.errors import InputError
+from effllm.engine.config import add_engine_flags, engine_options
 
 DESCRIPTION = """Serve a model over OpenAI's API: POST /v1/completions and /v1/chat/completions (streaming
 with "stream": true), GET /v1/models, POST /tokenize and /detokenize, GET /health, /version and /metrics
@@ -40,30 +41,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown before they are aborted (default 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    engine = p.add_argument_group("engine options (see effllm.engine.config.EngineConfig)")
-    add_engine_args(engine)
-
-
-def add_engine_args(group: argparse._ArgumentGroup) -> None:
-    """One flag per `EngineConfig` field (--block-size, --max-num-seqs, ...); unset flags keep its defaults."""
-    from effllm.engine.config import EngineConfig
-
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        default = f"default {f.default}" if f.default is not None else "default: chosen per device/model"
-        if kind == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=f"({default})")
-        else:
-            convert = float if kind.startswith("float") else int if kind in ("int", "int | None") else str
-            group.add_argument(flag, type=convert, default=argparse.SUPPRESS, help=f"({default})")
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    from effllm.engine.config import EngineConfig
-
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    add_engine_flags(p.add_argument_group("engine options (EngineConfig fields)"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,11 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`effllm serve` on its own (python -m effllm.cli.serve ...)."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except EffLLMError as e:
-        print(f"effllm: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

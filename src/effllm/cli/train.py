@@ -8,12 +8,9 @@ with DDP or FSDP2: `torchrun --nproc-per-node 2 -m effllm.train --model M --data
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
-import typing
 from typing import TYPE_CHECKING
 
-from effllm.core.errors import EffLLMError
+from effllm.cli.errors import run_command
 
 if TYPE_CHECKING:
     from effllm.train.config import TrainConfig
@@ -42,36 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (given flags only: absent ones fall back to --config, then defaults)."""
+    from effllm.core.flags import add_dataclass_flags
     from effllm.train.config import TrainConfig
 
     parser.add_argument("--config", help="YAML file of options, named as the flags", default=argparse.SUPPRESS)
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f.metadata["help"] + ("" if default in (None, [], {}) else f" (default: {default})")
-        kwargs: dict[str, typing.Any] = {"help": help_text, "default": argparse.SUPPRESS}
-        hint = _strip_optional(hints[f.name])
-        origin = typing.get_origin(hint)
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            kwargs.update(nargs="+", metavar="PATH")
-        elif origin is dict:
-            kwargs.update(nargs="+", metavar="KEY=VALUE")
-        else:
-            kwargs["type"] = hint
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, **kwargs)
+    add_dataclass_flags(parser, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the flags (and the --config file) describe."""
+    from effllm.core.flags import given_fields
     from effllm.train.config import TrainConfig, parse_key_values
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    given = given_fields(args, TrainConfig)
     for key in ("optimizer_options", "method_options"):
         if key in given:
             given[key] = parse_key_values(given[key], "--" + key.replace("_", "-"))
@@ -100,16 +80,5 @@ def main(argv: list[str] | None = None) -> int:
                                      argument_default=argparse.SUPPRESS)
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EffLLMError as e:
-        print(f"effllm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("effllm: interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, args)
 
-
-def _strip_optional(hint: typing.Any) -> typing.Any:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if type(None) in typing.get_args(hint) and len(args) == 1 else hint

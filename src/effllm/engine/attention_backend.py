@@ -1,10 +1,13 @@
 """Attention backends over the paged KV cache: what the model's attention layers call in an engine step.
 
-The model runner flattens a step into one sequence of tokens (single-token queries first, then prefill
-chunks), calls `prepare` once with the step's layout, then runs the model; every attention layer calls
-the backend with its new q, k, v. The backend writes k and v into the cache at the step's slots and
-attends each query over its own sequence's keys. Everything per step (block tables, masks) is built in
+The model runner flattens a step into one sequence of tokens (single-token queries first, then multi-token
+chunks), calls `prepare(layout)` once with the step's `StepLayout`, then runs the model; every attention
+layer calls the backend with its new q, k, v. The backend has the cache store k and v at the step's slots
+and attends each query over its own sequence's keys. Everything per step (block tables, masks) is built in
 `prepare` or once per distinct window, never per layer, and nothing in a layer waits on the host.
+
+Backends are chosen by name from `BACKENDS` (`EngineConfig.attention_backend`); a new backend is a class
+with `prepare(layout)` and `__call__(layer_idx, q, k, v, window=, scale=)` plus one entry there.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from effllm.core.errors import ConfigError
 from effllm.engine.kv_cache import PagedKVCache
-from effllm.engine.request import Request
+from effllm.engine.step_layout import StepLayout
+from effllm.kernels import paged_attention
 from effllm.kernels.attention import sdpa_attention
 from effllm.kernels.cpu_paged_attention import cpu_kernel_available, paged_decode_attention_cpu, split_rows
 from effllm.kernels.paged_attention import (
@@ -22,7 +27,6 @@ from effllm.kernels.paged_attention import (
     paged_attention_triton,
     paged_decode_attention,
     paged_prefill_attention,
-    write_kv,
 )
 
 
@@ -52,22 +56,19 @@ class PagedAttention:
         self.prefills: list[PrefillChunk] = []
         self._decode_views: dict[int | None, tuple] = {}  # per window: what the decode kernel takes
 
-    def prepare(self, requests: list[Request], num_tokens: list[int], slot_mapping: torch.Tensor) -> None:
-        """Lay out a step: `requests` in flattened order, each computing `num_tokens` new tokens."""
-        self.slot_mapping = slot_mapping
+    def prepare(self, layout: StepLayout) -> None:
+        """Lay out a step: single-query requests are batched decodes, the rest one chunk each."""
+        self.slot_mapping = layout.slot_mapping
         self._decode_views = {}
-        self.decode_blocks, self.decode_lens, self.prefills = [], [], []
-        start = 0
-        for request, n in zip(requests, num_tokens, strict=True):
-            end_pos = request.num_computed_tokens + n
-            if n == 1:
-                self.decode_blocks.append(request.block_ids)
-                self.decode_lens.append(end_pos)
-            else:
-                blocks = request.block_ids[: -(-end_pos // self.cache.block_size)]
-                block_ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
-                self.prefills.append(PrefillChunk(start, start + n, request.num_computed_tokens, block_ids))
-            start += n
+        d = layout.num_decodes
+        self.decode_blocks, self.decode_lens = layout.block_tables[:d], layout.seq_lens[:d]
+        self.prefills = []
+        starts = layout.query_start_loc
+        for r in range(d, layout.num_requests):
+            end_pos = layout.seq_lens[r]
+            blocks = layout.block_tables[r][: -(-end_pos // self.cache.block_size)]
+            block_ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
+            self.prefills.append(PrefillChunk(starts[r], starts[r + 1], layout.num_computed[r], block_ids))
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None,
                 scale: float) -> torch.Tensor:
@@ -106,8 +107,8 @@ class PagedAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  window: int | None, scale: float) -> torch.Tensor:
         q, k, v = q[0], k[0], v[0]  # [T, heads, D]: the engine runs one flattened sequence
+        self.cache.write(layer_idx, k, v, self.slot_mapping)
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        write_kv(k_cache, v_cache, k, v, self.slot_mapping)
         num_decodes = len(self.decode_lens)
         parts = []
         if num_decodes:
@@ -141,22 +142,43 @@ class TritonPagedAttention:
         """Use these device tensors as the step's layout (block_tables, seq_ids, positions int32)."""
         self.slot_mapping, self.block_tables, self.seq_ids, self.positions = slot_mapping, block_tables, seq_ids, positions
 
-    def prepare(self, requests: list[Request], num_tokens: list[int], slot_mapping: torch.Tensor) -> None:
-        width = max(len(r.block_ids) for r in requests)
+    def prepare(self, layout: StepLayout) -> None:
+        width = max(len(b) for b in layout.block_tables)
         pad = self.cache.scratch_block
-        tables = [r.block_ids + [pad] * (width - len(r.block_ids)) for r in requests]
-        seq_ids, positions = [], []
-        for i, (request, n) in enumerate(zip(requests, num_tokens, strict=True)):
-            seq_ids += [i] * n
-            positions += range(request.num_computed_tokens, request.num_computed_tokens + n)
+        tables = [b + [pad] * (width - len(b)) for b in layout.block_tables]
+        seq_ids = [r for r, n in enumerate(layout.query_lens()) for _ in range(n)]
         as_int32 = dict(dtype=torch.int32, device=self.device)
-        self.bind(slot_mapping, torch.tensor(tables, **as_int32), torch.tensor(seq_ids, **as_int32),
-                  torch.tensor(positions, **as_int32))
+        self.bind(layout.slot_mapping, torch.tensor(tables, **as_int32), torch.tensor(seq_ids, **as_int32),
+                  layout.positions.to(torch.int32))
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  window: int | None, scale: float) -> torch.Tensor:
+        self.cache.write(layer_idx, k[0], v[0], self.slot_mapping)
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        write_kv(k_cache, v_cache, k[0], v[0], self.slot_mapping)
         out = paged_attention_triton(q[0].contiguous(), k_cache, v_cache, self.block_tables, self.seq_ids,
                                      self.positions, window, scale)
         return out[None]
+
+
+# name -> backend class; "auto" picks triton on CUDA (when Triton is installed), paged elsewhere.
+BACKENDS: dict[str, type] = {"paged": PagedAttention, "triton": TritonPagedAttention}
+
+
+def _triton_installed() -> bool:
+    return paged_attention.triton is not None
+
+
+def backend_name(name: str, device: torch.device) -> str:
+    """The backend `name` stands for on `device` ("auto" resolved); ConfigError for unknown names."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and _triton_installed() else "paged"
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; choose auto or one of {', '.join(BACKENDS)}")
+    if name == "triton" and (device.type != "cuda" or not _triton_installed()):
+        raise ConfigError("the triton attention backend needs CUDA and Triton; use --attention-backend paged")
+    return name
+
+
+def make_backend(name: str, cache: PagedKVCache):
+    """The attention backend `name` over `cache`."""
+    return BACKENDS[backend_name(name, cache.device)](cache)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from effllm.core.errors import ConfigError
+from effllm.core.flags import add_dataclass_flags, given_fields, option
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "t": 1000**4, "tb": 1000**4}
@@ -35,26 +36,33 @@ def parse_memory(value: int | float | str) -> int:
 
 @dataclass
 class EngineConfig:
-    """Options of the inference engine (`LLM(model, **options)`, `effllm generate/serve/bench`)."""
+    """Options of the inference engine (`LLM(model, **options)`, `effllm generate/serve/bench`).
 
-    block_size: int = 16
-    # KV cache: bytes (or '2GiB'); None = 2 GiB at most on CPU (less when fewer tokens can ever be held),
-    # gpu_memory_utilization of the GPU on CUDA. num_kv_blocks overrides both (tests, tuning).
-    kv_cache_memory: int | str | None = None
-    gpu_memory_utilization: float = 0.9
-    num_kv_blocks: int | None = None
-    # One token budget per step and a cap on running sequences; None = chosen per device.
-    max_num_batched_tokens: int | None = None
-    max_num_seqs: int | None = None
-    # Longest prompt + output; None = the model's max_position_embeddings.
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    dtype: str | None = None
-    device: str | None = None
-    # CUDA graphs capture pure-decode steps on CUDA; enforce_eager turns them off.
-    enforce_eager: bool = False
-    seed: int = 0
+    Every field is a flag of the engine commands (`--block-size`, `--no-enable-prefix-caching` ...), built
+    by `effllm.core.flags`; the help texts below are what `--help` shows.
+    """
+
+    block_size: int = option(16, "tokens per KV-cache block")
+    kv_cache_memory: int | str | None = option(
+        None, "KV-cache size in bytes or with a unit, e.g. 2GiB (default: at most 2 GiB on CPU, less when fewer "
+        "tokens can ever be held; --gpu-memory-utilization of the GPU on CUDA)", metavar="SIZE")
+    gpu_memory_utilization: float = option(0.9, "fraction of the GPU's memory the engine may use (CUDA)")
+    num_kv_blocks: int | None = option(None, "exact number of KV-cache blocks, overriding --kv-cache-memory")
+    max_num_batched_tokens: int | None = option(
+        None, "token budget of one step, decodes and prefill chunks together (default: 512 on CPU, 8192 or 16384 "
+        "on CUDA)")
+    max_num_seqs: int | None = option(None, "most sequences running at once (default: 64 on CPU, 256 or 1024 on CUDA)")
+    max_model_len: int | None = option(
+        None, "longest prompt plus output in tokens (default: the model's max_position_embeddings)")
+    enable_prefix_caching: bool = option(True, "share the KV blocks of a common prompt prefix between requests")
+    enable_chunked_prefill: bool = option(True, "cut long prompts into chunks that share steps with decodes")
+    attention_backend: str = option(
+        "auto", "attention over the paged KV cache: auto (triton on CUDA, paged on CPU) or a name from "
+        "effllm.engine.attention_backend.BACKENDS")
+    dtype: str | None = option(None, "float32, bfloat16, float16 or auto (default: the checkpoint's)")
+    device: str | None = option(None, "cpu, cuda, cuda:N or auto (default: CUDA when available)")
+    enforce_eager: bool = option(False, "never capture CUDA graphs of decode steps (CUDA)")
+    seed: int = option(0, "seed of the engine's shared sampling generator (requests with a seed use their own)")
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -93,3 +101,14 @@ class EngineConfig:
             max_tokens = max(max_tokens, max_model_len)
         return replace(self, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_tokens)
+
+
+def add_engine_flags(parser, exclude: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """Every `EngineConfig` field as a flag of `parser` (an argparse parser or group), the same spelling
+    on every engine command; `defaults` changes what --help shows for a command that overrides them."""
+    add_dataclass_flags(parser, EngineConfig, exclude=exclude, defaults=defaults)
+
+
+def engine_options(args, exclude: tuple[str, ...] = ()) -> dict:
+    """The `EngineConfig` fields given as flags (absent flags keep the dataclass defaults), less `exclude`."""
+    return given_fields(args, EngineConfig, exclude)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from effllm.engine.attention_backend import TritonPagedAttention
+from effllm.engine.step_layout import StepLayout
 from effllm.models.transformer import CausalLM
 
 
@@ -63,9 +64,10 @@ class DecodeGraphs:
         self.backend.bind(self.slot_mapping[:size], self.block_tables[:size], self.seq_ids[:size],
                           self.query_positions[:size])
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: list[list[int]]) -> torch.Tensor:
+    def run(self, layout: StepLayout) -> torch.Tensor:
         """Replay the smallest graph that holds the step's n decodes; returns hidden states [n, hidden]."""
+        input_ids, positions, slot_mapping = layout.input_ids, layout.positions, layout.slot_mapping
+        block_tables = layout.block_tables
         n = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= n)
         width = self.block_tables.shape[1]

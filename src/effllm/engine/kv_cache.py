@@ -2,6 +2,8 @@
 
 Per layer k and v are [num_blocks + 1, block_size, kv_heads, head_dim]. The extra last block is a
 scratch block no request owns: padded rows of a CUDA-graph batch write into it and read from it.
+The cache owns how keys and values are stored: backends call `write`, so a cache that stores them
+differently (quantized, say) changes this file, not the backends' callers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from effllm.core.errors import ConfigError
 from effllm.engine.config import CPU_MAX_KV_CACHE_BYTES, EngineConfig, parse_memory
+from effllm.kernels.paged_attention import write_kv
 from effllm.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -58,5 +61,10 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.scratch_block = num_blocks
+        self.device = torch.device(device)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
                  2 * sum(t.numel() * t.element_size() for t in self.k) / 2**20)
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store the new keys and values k, v [tokens, kv_heads, head_dim] of a layer at flat slots [tokens]."""
+        write_kv(self.k[layer_idx], self.v[layer_idx], k, v, slot_mapping)

@@ -28,6 +28,7 @@ from effllm.engine.outputs import RequestOutput
 from effllm.engine.request import Request
 from effllm.engine.sampling_params import SamplingParams
 from effllm.engine.scheduler import Scheduler
+from effllm.engine.spec_decode.proposer import Proposer, propose_drafts
 from effllm.models.checkpoint import load_model
 from effllm.models.hub import resolve_model_path
 from effllm.models.tokenizer import load_tokenizer
@@ -45,7 +46,8 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None,
+                 proposer: Proposer | None = None):
         config = config or EngineConfig()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -64,6 +66,7 @@ class LLMEngine:
         eos = list(model.config.eos_token_ids) + list(getattr(tokenizer, "eos_token_ids", None) or [])
         self.eos_token_ids = frozenset(eos)
         self.stats = EngineStats()
+        self.proposer = proposer  # speculative decoding: drafts for greedy requests (spec_decode/)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, tokenizer: Any = None, **options: Any) -> LLMEngine:
@@ -116,6 +119,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """Run one step; returns an output for every request that produced tokens or finished."""
+        if self.proposer is not None:
+            propose_drafts(self.proposer, self.scheduler.running, self.config.max_model_len)
         out = self.scheduler.schedule()
         self.stats.num_preemptions += len(out.preempted)
         if not out:

@@ -1,9 +1,10 @@
 """`ModelRunner`: runs one scheduled step as a single forward over the paged KV cache, then samples.
 
-The step's tokens (decodes first, then prefill chunks) are flattened into one sequence of length T:
-input ids, positions and the flat cache slot of each token. The attention backend keeps sequences
-apart. Logits are computed only at the last token of requests whose every token is now computed (a
-decode, or the chunk that finishes a prompt); a chunk in the middle of a prompt samples nothing.
+The step's tokens (decodes first, then multi-token chunks) are flattened into one sequence of length T
+and described by a `StepLayout` (input ids, positions, the flat cache slot of each token, block tables);
+the attention backend reads only that and keeps sequences apart. Logits are computed only at the last
+token of requests whose every token is now computed (a decode, or the chunk that finishes a prompt), and
+at each draft token of a request verifying drafts; a chunk in the middle of a prompt samples nothing.
 """
 
 from __future__ import annotations
@@ -12,19 +13,21 @@ import logging
 
 import torch
 
-from effllm.engine.attention_backend import PagedAttention, TritonPagedAttention
+from effllm.engine.attention_backend import TritonPagedAttention, make_backend
 from effllm.engine.config import EngineConfig
 from effllm.engine.cuda_graphs import DecodeGraphs
 from effllm.engine.kv_cache import PagedKVCache, num_kv_blocks
 from effllm.engine.request import Request
 from effllm.engine.sampler import Sampler
 from effllm.engine.scheduler import SchedulerOutput
-from effllm.kernels import paged_attention
+from effllm.engine.spec_decode.verify import accept_greedy
+from effllm.engine.step_layout import StepLayout, build_step_layout
 from effllm.models.transformer import CausalLM
 
 log = logging.getLogger(__name__)
 
-SampledTokens = dict[Request, tuple[int, dict[int, float] | None]]
+# Per request that sampled: the tokens it accepted this step, each with its logprobs (or None).
+SampledTokens = dict[Request, list[tuple[int, dict[int, float] | None]]]
 
 
 class ModelRunner:
@@ -39,11 +42,10 @@ class ModelRunner:
             activation_bytes = self._profile_activations()
         self.num_blocks = num_kv_blocks(config, model.config, model.dtype, self.device, activation_bytes)
         self.cache = PagedKVCache(model.config, self.num_blocks, self.block_size, model.dtype, self.device)
-        use_triton = on_cuda and paged_attention.triton is not None
-        self.backend = TritonPagedAttention(self.cache) if use_triton else PagedAttention(self.cache)
+        self.backend = make_backend(config.attention_backend, self.cache)
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphs | None = None
-        if use_triton and not config.enforce_eager:
+        if isinstance(self.backend, TritonPagedAttention) and not config.enforce_eager:
             self.graphs = self._capture_graphs()
 
     @torch.inference_mode()
@@ -75,39 +77,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SampledTokens:
-        """Run the step; returns the sampled token (and logprobs) of each request that samples."""
-        hidden, sample_rows, sampling = self.forward(out)
-        if not sampling:
+        """Run the step; returns, per request that samples, the tokens it accepts (with logprobs): one
+        sampled token, or for a request verifying drafts the accepted drafts and the target's next token."""
+        layout = self.layout(out)
+        hidden = self.forward(layout)
+        if not layout.sample_rows:
             return {}
-        if len(sample_rows) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
-        logits = self.model.logits(hidden)
-        return dict(zip(sampling, self.sampler(logits, sampling), strict=True))
+        if len(layout.sample_rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(layout.sample_rows, dtype=torch.long, device=self.device)]
+        rows = [r for r, n in zip(out.requests, out.num_tokens, strict=True) if r.samples_after(n)]
+        row_requests = [r for r in rows for _ in range(len(r.draft_token_ids) + 1)]
+        drawn = iter(self.sampler(self.model.logits(hidden), row_requests))
+        result: SampledTokens = {}
+        for request in rows:
+            sampled = [next(drawn) for _ in range(len(request.draft_token_ids) + 1)]
+            result[request] = accept_greedy(request.draft_token_ids, sampled)
+        return result
+
+    def layout(self, out: SchedulerOutput) -> StepLayout:
+        """The step's `StepLayout`: each request's uncomputed tokens (and drafts), its blocks, its sample rows."""
+        tokens, samples = [], []
+        for request, n in zip(out.requests, out.num_tokens, strict=True):
+            start = request.num_computed_tokens
+            tokens.append((request.token_ids + request.draft_token_ids)[start : start + n])
+            samples.append(len(request.draft_token_ids) + 1 if request.samples_after(n) else 0)
+        return build_step_layout(tokens, [r.num_computed_tokens for r in out.requests],
+                                 [r.block_ids for r in out.requests], samples, self.block_size, self.device)
 
     @torch.inference_mode()
-    def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int], list[Request]]:
-        """Hidden states [T, hidden] of the step's flattened tokens, the rows that sample, and their requests."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        sampling: list[Request] = []
-        for request, n in zip(out.requests, out.num_tokens, strict=True):
-            start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            ids += request.token_ids[start:end]
-            positions += range(start, end)
-            blocks = request.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-            if end == request.num_tokens:
-                sample_rows.append(len(ids) - 1)
-                sampling.append(request)
-        as_long = dict(dtype=torch.long, device=self.device)
-        ids_t, positions_t, slots_t = (torch.tensor(x, **as_long) for x in (ids, positions, slots))
-        all_decodes = len(ids) == len(out.requests)
-        if self.graphs is not None and all_decodes and len(ids) <= self.graphs.max_batch:
-            hidden = self.graphs.run(ids_t, positions_t, slots_t, [r.block_ids for r in out.requests])
-        else:
-            self.backend.prepare(out.requests, out.num_tokens, slots_t)
-            hidden = self.model.hidden_states(ids_t[None], positions_t[None], attn=self.backend)[0]
-        return hidden, sample_rows, sampling
+    def forward(self, layout: StepLayout) -> torch.Tensor:
+        """Hidden states [T, hidden] of the step's flattened tokens."""
+        if self.graphs is not None and layout.all_decodes and layout.num_tokens <= self.graphs.max_batch:
+            return self.graphs.run(layout)
+        self.backend.prepare(layout)
+        return self.model.hidden_states(layout.input_ids[None], layout.positions[None], attn=self.backend)[0]

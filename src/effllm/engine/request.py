@@ -45,6 +45,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        # Tokens proposed after the last one (speculative decoding): computed in the next step with it and
+        # kept only as far as the model agrees; never part of token_ids until accepted.
+        self.draft_token_ids: list[int] = []
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, for prefix caching
         self.num_registered_blocks = 0  # blocks of block_ids already offered to the prefix cache
@@ -81,6 +84,10 @@ class Request:
     def prefilled(self) -> bool:
         """Whether the prompt's keys and values have been computed (once, at least)."""
         return self.num_computed_tokens >= self.num_prompt_tokens or self.num_output_tokens > 0
+
+    def samples_after(self, num_new_tokens: int) -> bool:
+        """Whether computing `num_new_tokens` more tokens reaches the end (drafts included): a step samples."""
+        return self.num_computed_tokens + num_new_tokens == self.num_tokens + len(self.draft_token_ids)
 
     def sampling_generator(self, device: torch.device) -> torch.Generator | None:
         """This request's own random stream (seeded requests only), made on first use."""

@@ -59,7 +59,9 @@ class Scheduler:
         queue = deque(sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1))
         while queue and budget > 0:
             request = queue.popleft()
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            left = request.num_tokens - request.num_computed_tokens
+            n = min(left + len(request.draft_token_ids), budget)
+            del request.draft_token_ids[max(0, n - left) :]  # drafts the budget leaves no room for
             while not self.blocks.allocate(request, n):
                 victim = queue.pop() if queue else request
                 self._preempt(victim)
@@ -111,21 +113,42 @@ class Scheduler:
         """Free the request's blocks; it recomputes its tokens (prompt and outputs) when readmitted."""
         self.blocks.free(request)
         request.num_computed_tokens = 0
+        request.draft_token_ids = []
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.running.remove(request)
         self.waiting.appendleft(request)
 
     # ------------------------------------------------------------------ after the step
-    def update(self, out: SchedulerOutput, sampled: dict[Request, tuple[int, dict[int, float] | None]]) -> None:
-        """Advance the computed tokens, append the sampled tokens and finish requests that stop."""
+    def update(self, out: SchedulerOutput, sampled: dict[Request, list[tuple[int, dict[int, float] | None]]]) -> None:
+        """Advance the computed tokens, append each request's accepted tokens (checking stop conditions token
+        by token), roll back drafts that were computed but not accepted, and finish requests that stop.
+
+        Only then are full blocks offered to the prefix cache, so a block holding an unverified draft token
+        is never cached (its slots are overwritten by later steps, never freed early).
+        """
         for request, n in zip(out.requests, out.num_tokens, strict=True):
             request.num_computed_tokens += n
+            accepted = sampled.get(request)
+            stopped = accepted is not None and self._accept(request, accepted)
             self.blocks.cache_computed_blocks(request)
-        for request, (token, logprobs) in sampled.items():
-            request.append_token(token, logprobs)
-            if request.check_stop(self.max_model_len):
+            if stopped:
                 self._release(request)
+
+    def _accept(self, request: Request, accepted: list[tuple[int, dict[int, float] | None]]) -> bool:
+        """Append accepted tokens up to the first that stops the request; True when one did."""
+        num_drafts = len(request.draft_token_ids)
+        request.draft_token_ids = []
+        appended, stopped = 0, False
+        for token, logprobs in accepted:
+            request.append_token(token, logprobs)
+            appended += 1
+            if request.check_stop(self.max_model_len):
+                stopped = True
+                break
+        # The step computed the last token and every draft; keys are valid only up to the last accepted draft.
+        request.num_computed_tokens -= num_drafts + 1 - appended
+        return stopped
 
     def finish(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """End a request from outside the policy (a stop string, an abort)."""

@@ -11,13 +11,14 @@ import json
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from effllm.core.errors import ConfigError
+from effllm.core.flags import option
 
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
@@ -25,62 +26,54 @@ SCHEDULES = ("cosine", "linear", "constant")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    """A field whose metadata carries the flag's help text (and choices)."""
-    metadata = {"help": help, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
-    return field(default=default, metadata=metadata, **kw)
-
-
 @dataclass
 class TrainConfig:
     """Options of one training run (pretraining or fine-tuning)."""
 
     # ---------------------------------------------------------------- model
-    model: str | None = _opt(None, "checkpoint folder or hub id to start from (default: the embedded default model)")
-    model_config: str | None = _opt(None, "config.json of a new model trained from scratch (needs --tokenizer)")
-    tokenizer: str | None = _opt(None, "tokenizer folder (default: the --model's own)")
+    model: str | None = option(None, "checkpoint folder or hub id to start from (default: the embedded default model)")
+    model_config: str | None = option(None, "config.json of a new model trained from scratch (needs --tokenizer)")
+    tokenizer: str | None = option(None, "tokenizer folder (default: the --model's own)")
     # ---------------------------------------------------------------- data
-    data: list[str] = _opt([], "training data: text files, folders, jsonl with a text field, chat jsonl (messages)")
-    eval_data: list[str] = _opt([], "held-out data (default: --eval-fraction of --data)")
-    eval_fraction: float = _opt(0.01, "fraction of the packed sequences held out for evaluation when no --eval-data")
-    text_field: str = _opt("text", "the field of a jsonl record that holds its text")
-    cache_dir: str | None = _opt(None, "where tokenized shards are cached (default OUT/cache)")
-    out: str | None = _opt(None, "run folder: checkpoints, metrics, and the final model")
+    data: list[str] = option([], "training data: text files, folders, jsonl with a text field, chat jsonl (messages)", metavar="PATH")
+    eval_data: list[str] = option([], "held-out data (default: --eval-fraction of --data)", metavar="PATH")
+    eval_fraction: float = option(0.01, "fraction of the packed sequences held out for evaluation when no --eval-data")
+    text_field: str = option("text", "the field of a jsonl record that holds its text")
+    cache_dir: str | None = option(None, "where tokenized shards are cached (default OUT/cache)")
+    out: str | None = option(None, "run folder: checkpoints, metrics, and the final model")
     # ---------------------------------------------------------------- length of the run and batch
-    steps: int = _opt(1000, "optimizer steps")
-    seq_len: int = _opt(512, "tokens per packed training sequence")
-    batch_size: int = _opt(8, "sequences per micro-batch, per process")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    steps: int = option(1000, "optimizer steps")
+    seq_len: int = option(512, "tokens per packed training sequence")
+    batch_size: int = option(8, "sequences per micro-batch, per process")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     # ---------------------------------------------------------------- optimizer and schedule
-    optimizer: str = _opt("adamw", "optimizer name: adamw, sgd, or any effllm.optim provides")
-    optimizer_options: dict[str, Any] = _opt({}, "optimizer options as KEY=VALUE (e.g. betas=[0.9,0.95] rank=128)")
-    lr: float = _opt(3e-4, "peak learning rate")
-    weight_decay: float = _opt(0.0, "decoupled weight decay (not applied to norms and biases)")
-    warmup_steps: int = _opt(0, "linear warmup steps")
-    schedule: str = _opt("cosine", "learning-rate decay after warmup", SCHEDULES)
-    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
-    clip_grad: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
+    optimizer: str = option("adamw", "optimizer name: adamw, sgd, or any effllm.optim provides")
+    optimizer_options: dict[str, Any] = option({}, "optimizer options as KEY=VALUE (e.g. betas=[0.9,0.95] rank=128)")
+    lr: float = option(3e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "decoupled weight decay (not applied to norms and biases)")
+    warmup_steps: int = option(0, "linear warmup steps")
+    schedule: str = option("cosine", "learning-rate decay after warmup", SCHEDULES)
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr")
+    clip_grad: float = option(1.0, "clip the global gradient norm to this (0 = off)")
     # ---------------------------------------------------------------- numerics and memory
-    precision: str = _opt("fp32", "fp32, or bf16 autocast over fp32 weights", PRECISIONS)
-    activation_checkpointing: bool = _opt(False, "recompute decoder layers in the backward pass")
-    dropout: float = _opt(0.0, "dropout on the embeddings and each residual branch while training (0 = off)")
-    device: str | None = _opt(None, "cpu, cuda or cuda:N (default: CUDA when available; torchrun: the local rank's GPU)")
-    parallel: str = _opt("ddp", "how torchrun processes share the model", PARALLEL)
+    precision: str = option("fp32", "fp32, or bf16 autocast over fp32 weights", PRECISIONS)
+    activation_checkpointing: bool = option(False, "recompute decoder layers in the backward pass")
+    dropout: float = option(0.0, "dropout on the embeddings and each residual branch while training (0 = off)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA when available; torchrun: the local rank's GPU)")
+    parallel: str = option("ddp", "how torchrun processes share the model", PARALLEL)
     # ---------------------------------------------------------------- evaluation, checkpoints, output
-    eval_every: int = _opt(0, "evaluate held-out perplexity every N steps (0 = only at the end)")
-    eval_batches: int = _opt(0, "most held-out micro-batches per evaluation (0 = all)")
-    save_every: int = _opt(0, "save a resumable checkpoint every N steps (0 = only the final model)")
-    keep_last: int = _opt(2, "checkpoints kept; older ones are deleted")
-    resume: bool = _opt(False, "continue the run in --out from its latest checkpoint (fresh start when it has none)")
-    seed: int = _opt(0, "seed of the initial weights, the data order and every random choice")
-    log_every: int = _opt(10, "print a progress line every N steps when stderr is not a terminal")
-    peak_tflops: float | None = _opt(None, "peak TFLOP/s per process for model FLOPs utilisation (default: detected)")
-    tensorboard: bool = _opt(True, "also log to TensorBoard under OUT/tensorboard when it is installed")
+    eval_every: int = option(0, "evaluate held-out perplexity every N steps (0 = only at the end)")
+    eval_batches: int = option(0, "most held-out micro-batches per evaluation (0 = all)")
+    save_every: int = option(0, "save a resumable checkpoint every N steps (0 = only the final model)")
+    keep_last: int = option(2, "checkpoints kept; older ones are deleted")
+    resume: bool = option(False, "continue the run in --out from its latest checkpoint (fresh start when it has none)")
+    seed: int = option(0, "seed of the initial weights, the data order and every random choice")
+    log_every: int = option(10, "print a progress line every N steps when stderr is not a terminal")
+    peak_tflops: float | None = option(None, "peak TFLOP/s per process for model FLOPs utilisation (default: detected)")
+    tensorboard: bool = option(True, "also log to TensorBoard under OUT/tensorboard when it is installed")
     # ---------------------------------------------------------------- training methods
-    method: str | None = _opt(None, "training method plugged into the loop (see effllm.train.methods)")
-    method_options: dict[str, Any] = _opt({}, "the method's options as KEY=VALUE")
+    method: str | None = option(None, "training method plugged into the loop (see effllm.train.methods)")
+    method_options: dict[str, Any] = option({}, "the method's options as KEY=VALUE")
 
     # ------------------------------------------------------------------ building
     @classmethod

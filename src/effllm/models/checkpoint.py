@@ -17,6 +17,7 @@ from effllm.core.dtypes import dtype_name, parse_device, parse_dtype
 from effllm.core.errors import CheckpointError
 from effllm.models.config import ModelConfig
 from effllm.models.hub import resolve_model_path
+from effllm.models.layouts import apply_layout, compression_section
 from effllm.models.rope import RotaryEmbedding
 from effllm.models.safetensors_io import iter_tensors
 from effllm.models.transformer import CausalLM
@@ -62,8 +63,10 @@ def load_model(
 ) -> CausalLM:
     """Load a llama / qwen2 / mistral checkpoint (local folder or hub id) as a `CausalLM` in eval mode.
 
-    dtype defaults to the checkpoint's own (config.json's torch_dtype, else float32); device to CUDA when
-    available. The model is built without storage and each tensor is read straight into place, so
+    dtype defaults to the checkpoint's own (config.json's torch_dtype, else float32) and applies to floating
+    tensors (integer tensors of a compressed layout keep theirs); device defaults to CUDA when available.
+    The model is built without storage, swapped to the runtime layout config.json's `effllm.compression`
+    names (`effllm.models.layouts`), and each tensor of `state_dict()` is read straight into place, so
     loading never holds two copies of the weights.
     """
     folder = resolve_model_path(path_or_id)
@@ -74,7 +77,8 @@ def load_model(
 
     with torch.device("meta"):
         model = CausalLM(config)
-    expected = dict(model.named_parameters())
+        apply_layout(model, compression_section(config.effllm))
+    expected = _loadable_tensors(model)
     loaded: set[str] = set()
     for file in files:
         for name, tensor in iter_tensors(file, target_dtype, target_device):
@@ -87,7 +91,10 @@ def load_model(
                     f"{file.name}: {name} has shape {tuple(tensor.shape)}, config.json implies "
                     f"{tuple(expected[name].shape)}; the checkpoint and its config disagree"
                 )
-            _set_parameter(model, name, tensor)
+            if tensor.is_floating_point() != expected[name].is_floating_point():
+                raise CheckpointError(f"{file.name}: {name} is {tensor.dtype}, its layout needs {expected[name].dtype}; "
+                                      "the checkpoint and its config.json disagree")
+            _assign(model, name, tensor)
             loaded.add(name)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -101,10 +108,23 @@ def load_model(
     return model.eval()
 
 
-def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _loadable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: `state_dict()`'s keys (parameters and persistent buffers), a tied
+    head counted once (under the embeddings)."""
+    state = model.state_dict(keep_vars=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put a loaded tensor in place of the meta tensor `name` (a parameter or a persistent buffer)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    if attr in module._parameters:
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    else:
+        module.register_buffer(attr, tensor, persistent=True)
 
 
 def _state_dict_for_saving(model: CausalLM) -> dict[str, torch.Tensor]:

@@ -94,11 +94,12 @@ class CausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' (and KV cache's) dtype: the embeddings', which no compression layout changes."""
+        return self.model.embed_tokens.weight.dtype
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in the backward pass instead of storing its activations."""

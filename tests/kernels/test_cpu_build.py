@@ -1,0 +1,48 @@
+"""The kernel build helper: compile a shipped .c file once, cache it by source, flags and CPU, load it."""
+
+import ctypes
+import logging
+
+import pytest
+
+from effllm.kernels.cpu import build
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    build._load.cache_clear()
+    yield tmp_path / "effllm" / "kernels"
+    build._load.cache_clear()
+
+
+SIGNATURE = {"paged_decode_f32": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+                                  + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64,
+                                                            ctypes.c_void_p], None)}
+
+
+@pytest.mark.skipif(not build.shutil.which("cc"), reason="no C compiler")
+def test_a_kernel_is_compiled_once_and_cached_by_source_flags_and_cpu(fresh_cache):
+    lib = build.load_kernel("paged_decode.c", SIGNATURE)
+    assert lib is not None and lib.paged_decode_f32.restype is None
+    [built] = fresh_cache.glob("paged_decode_*.so")
+    assert build.load_kernel("paged_decode.c", SIGNATURE) is lib  # once per process
+    build._load.cache_clear()
+    build.load_kernel("paged_decode.c", SIGNATURE)
+    assert list(fresh_cache.glob("paged_decode_*.so")) == [built]  # once per machine: the cache is reused
+    build._load.cache_clear()
+    build.load_kernel("paged_decode.c", SIGNATURE, flags=(*build.DEFAULT_FLAGS, "-DEFFLLM_TEST"))
+    assert len(list(fresh_cache.glob("paged_decode_*.so"))) == 2  # other flags, another build
+
+
+def test_without_a_compiler_the_pytorch_path_is_reported_at_debug_level(fresh_cache, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "no-such-compiler-effllm")
+    with caplog.at_level(logging.DEBUG, logger="effllm.kernels.cpu.build"):
+        assert build.load_kernel("paged_decode.c", SIGNATURE) is None
+    [record] = caplog.records
+    assert record.levelno == logging.DEBUG and "no C compiler" in record.message
+
+
+def test_kernel_sources_ship_with_the_package():
+    assert "paged_decode_f32" in build.kernel_source("paged_decode.c")
+    assert isinstance(build.cpu_features(), frozenset)

@@ -102,7 +102,7 @@ def test_memory_inference_and_training(capsys):
         "--mode",
         "training",
         "--optimizer",
-        "galore",
+        "galore_adamw",
         "--rank",
         "128",
         "--seq-len",

@@ -15,8 +15,6 @@ from typing import Any
 from effllm.core.errors import ConfigError
 from effllm.models.config import ModelConfig
 
-OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "galore", "zo")
-
 # bitsandbytes 8-bit optimizers: uint8 states quantized in blocks of 256 with one fp32 absmax per block;
 # tensors under 4096 elements keep 32-bit states (its min_8bit_size default).
 _BNB_BLOCK = 256
@@ -131,42 +129,89 @@ class TrainingMemory:
         return {**asdict(self), "total": self.total}
 
 
+# Optimizers (effllm.optim's names, as `effllm train --optimizer` takes them) by the state they keep.
+_ADAM_MOMENTS = ("adamw", "zo_adam")  # two parameter-sized moments
+_MOMENTUM = ("sgd", "zo_sgd_momentum")  # one buffer when momentum > 0
+_STATELESS = ("zo_sgd", "zo_sgd_sign", "zo_sgd_conservative", "forward_grad_sgd")
+_LOW_RANK = ("galore_adamw", "galore_adamw8bit", "natural_galore_adamw", "gradnorm_lorp_adamw")
+
+
 def optimizer_state_bytes(
     config: ModelConfig,
     optimizer: str = "adamw",
     param_bits: int = 32,
     state_bits: int | None = None,
     rank: int = 128,
+    options: dict[str, Any] | None = None,
 ) -> float:
-    """Bytes the optimizer allocates after its first step.
+    """Bytes the optimizer `optimizer` (a name `effllm train --optimizer` takes) allocates after its first step.
 
     adamw: exp_avg and exp_avg_sq per parameter, plus torch's fp32 `step` tensor per parameter tensor;
-    sgd: none (momentum 0); sgd-momentum: one buffer; galore (galore-torch AdamW, integer step): for
-    each attention and MLP projection an (r x min(m, n)) projector in the parameter's dtype and Adam
-    states of the (r x max(m, n)) projected gradient, full Adam states elsewhere; zo (MeZO-style
-    zeroth-order SGD): none. state_bits=8 stores the Adam/momentum buffers as bitsandbytes does.
+    sgd: a momentum buffer when `momentum` > 0 (options); the GaLore family (effllm.optim, integer step):
+    for each attention and MLP projection the (r x min(m, n)) projector in the parameter's dtype and Adam
+    moments of the (r x max(m, n)) projected gradient, full Adam moments elsewhere; galore_adamw8bit keeps
+    those moments in 8 bits (blocks of `block_size` with an fp32 absmax, tensors under `min_8bit_size`
+    in fp32); natural_galore_adamw adds its `history_size` projected gradients; gradnorm_lorp_adamw
+    projects both sides (r x m and r x n bases, r x r moments) and keeps each row's magnitude, direction
+    norm and the magnitude's moments in fp32. The zeroth-order family keeps nothing but zo_sgd_momentum's
+    buffer and zo_adam's moments. state_bits=8 stores the Adam/momentum buffers as bitsandbytes does.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    settings = {**optimizer_defaults(optimizer), **(options or {})}
     state_bits = param_bits if state_bits is None else state_bits
     if state_bits not in (8, 16, 32):
         raise ConfigError(f"state_bits must be 8, 16 or 32, got {state_bits}")
-    if optimizer in ("sgd", "zo"):
+    if optimizer in _STATELESS:
         return 0.0
-    if optimizer == "galore" and rank < 1:
+    if optimizer in _MOMENTUM:
+        if not settings.get("momentum"):
+            return 0.0
+        return sum(_buffer_bytes(math.prod(s), state_bits) for s in parameter_shapes(config).values())
+    if optimizer in _ADAM_MOMENTS:
+        step = 4 if optimizer == "adamw" and state_bits != 8 else 0  # torch.optim.AdamW's float32 `step`
+        return sum(2 * _buffer_bytes(math.prod(s), state_bits) + step for s in parameter_shapes(config).values())
+    if rank < 1:
         raise ConfigError(f"GaLore rank must be positive, got {rank}")
-    buffers = 1 if optimizer == "sgd-momentum" else 2
+    moments = _buffer_bytes
+    if optimizer == "galore_adamw8bit":
+        block, smallest = settings["block_size"], settings["min_8bit_size"]
+
+        def moments(numel: int, bits: int) -> float:
+            return numel * 4 if numel < smallest else numel + 4 * math.ceil(numel / block)
+
     total = 0.0
     for name, shape in parameter_shapes(config).items():
-        numel = math.prod(shape)
-        if optimizer == "galore" and _is_projection(name):
-            r = min(rank, *shape)
-            total += r * min(shape) * param_bits / 8  # the projector
-            numel = r * max(shape)  # the projected gradient the Adam states track
-        total += buffers * _buffer_bytes(numel, state_bits)
-        if optimizer == "adamw" and state_bits != 8:
-            total += 4  # torch.optim.AdamW keeps `step` as a float32 scalar tensor
+        if not _is_projection(name):
+            total += 2 * moments(math.prod(shape), state_bits)
+            continue
+        r = min(rank, *shape)
+        if optimizer == "gradnorm_lorp_adamw":
+            total += r * sum(shape) * param_bits / 8  # both bases
+            total += 2 * moments(r * r, state_bits)
+            total += 4 * shape[0] * 4  # magnitude, direction norm and the magnitude's two moments, fp32
+            continue
+        total += r * min(shape) * param_bits / 8  # the projector
+        low_rank = r * max(shape)  # the projected gradient the Adam moments track
+        total += 2 * moments(low_rank, state_bits)
+        if optimizer == "natural_galore_adamw":
+            total += settings["history_size"] * low_rank * param_bits / 8
     return total
+
+
+def optimizer_defaults(optimizer: str) -> dict[str, Any]:
+    """The registered optimizer's options; ConfigError (listing the names) for an unknown one."""
+    from effllm.optim.registry import optimizer_options
+
+    options = optimizer_options(optimizer)
+    if optimizer not in _ADAM_MOMENTS + _MOMENTUM + _STATELESS + _LOW_RANK:
+        raise ConfigError(f"the memory estimate does not model optimizer {optimizer!r} yet")
+    return options
+
+
+def keeps_gradients(optimizer: str) -> bool:
+    """False for optimizers that estimate the step from forward passes alone (no backward, no gradients)."""
+    from effllm.optim.registry import requires_backward_by_name
+
+    return requires_backward_by_name(optimizer)
 
 
 def _buffer_bytes(numel: int, state_bits: int) -> float:
@@ -193,6 +238,7 @@ def training_memory(
     rank: int = 128,
     checkpointing: bool = False,
     layerwise_update: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> TrainingMemory:
     """Memory of one training step on `batch` sequences of `seq_len` tokens.
 
@@ -204,8 +250,8 @@ def training_memory(
     grad_bits = param_bits if grad_bits is None else grad_bits
     a_bits = param_bits if a_bits is None else a_bits
     sizes = [math.prod(s) for s in parameter_shapes(config).values()]
-    state = optimizer_state_bytes(config, optimizer, param_bits, state_bits, rank)
-    if optimizer == "zo":
+    state = optimizer_state_bytes(config, optimizer, param_bits, state_bits, rank, options)
+    if not keeps_gradients(optimizer):
         gradients = 0.0
         activations = inference_memory(config, batch, seq_len, param_bits, a_bits).activations
     else:

@@ -22,9 +22,9 @@ from effllm.bench.shapes import SHAPES, shape_config
 from effllm.core.dtypes import parse_device
 from effllm.models.config import ModelConfig
 from effllm.models.transformer import CausalLM
+from effllm.optim import build_optimizer
 from effllm.train.distributed import Distributed
 from effllm.train.metrics import detect_peak_tflops, flops_per_token
-from effllm.train.optimizers import build_optimizer
 from effllm.train.trainer import train_step
 
 
@@ -41,7 +41,7 @@ def run_train_bench(shape: str = "galore-60m", config: ModelConfig | None = None
     torch.manual_seed(seed)
     model = CausalLM(config).to(dev).train()
     model.set_activation_checkpointing(activation_checkpointing)
-    opt = build_optimizer(optimizer, model, lr, 0.0, optimizer_options)
+    opt = build_optimizer(optimizer, model, lr, 0.0, **(optimizer_options or {}))
     env = Distributed(0, 1, 0, dev)
     generator = torch.Generator().manual_seed(seed)
 
@@ -103,7 +103,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from effllm.train.config import parse_key_values
+    from effllm.core.flags import parse_key_values
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -95,9 +95,9 @@ def measure_method(shape: str, method: str, batch_size: int = 2, seq_len: int = 
     import effllm.optim  # noqa: F401
     import effllm.train.layer_sampling  # noqa: F401
     from effllm.core.dtypes import parse_device
+    from effllm.optim import steps_in_backward
     from effllm.train.distributed import Distributed
     from effllm.train.loss import causal_lm_loss
-    from effllm.train.optimizers import steps_in_backward
     from effllm.train.trainer import train_step
 
     spec = _method(method)

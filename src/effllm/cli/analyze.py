@@ -13,12 +13,14 @@ from effllm.analyze.hardware import (
     measure_hardware,
     save_hardware,
 )
-from effllm.analyze.memory import OPTIMIZERS, inference_memory, training_memory
+from effllm.analyze.memory import inference_memory, training_memory
 from effllm.analyze.report import format_hardware, format_memory, format_roofline, format_runtime
 from effllm.analyze.roofline import PHASES, analyze
 from effllm.analyze.runtime_model import RuntimeModel, fit_runtime_model, load_runs
 from effllm.analyze.shapes import PRESETS, load_model_config
 from effllm.core.errors import EffLLMError
+from effllm.core.flags import parse_key_values
+from effllm.optim.registry import list_optimizers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -185,7 +187,10 @@ def _add_memory(sub) -> None:
         default=None,
         help="inference: tokens per forward step (default batch x context, one-shot prefill)",
     )
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--optimizer", choices=list(list_optimizers()), default="adamw",
+                   help="training: an optimizer name, as effllm train --optimizer takes it (default adamw)")
+    p.add_argument("--optimizer-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="training: its options, as effllm train takes them (e.g. momentum=0.9 history_size=10)")
     p.add_argument("--rank", type=int, default=128, help="GaLore rank")
     p.add_argument("--param-bits", type=int, default=32, help="training: parameter bits (default 32)")
     p.add_argument("--grad-bits", type=int, default=None, help="training: gradient bits (default param bits)")
@@ -234,6 +239,7 @@ def run_memory(args: argparse.Namespace) -> int:
             state_bits=args.state_bits,
             a_bits=args.a_bits,
             rank=args.rank,
+            options=parse_key_values(args.optimizer_options, "--optimizer-options"),
             checkpointing=args.checkpointing,
             layerwise_update=args.layerwise_update,
         )

@@ -48,8 +48,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the flags (and the --config file) describe."""
-    from effllm.core.flags import given_fields
-    from effllm.train.config import TrainConfig, parse_key_values
+    from effllm.core.flags import given_fields, parse_key_values
+    from effllm.train.config import TrainConfig
 
     given = given_fields(args, TrainConfig)
     for key in ("optimizer_options", "method_options"):

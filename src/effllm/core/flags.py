@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
+
+import yaml
+
+from effllm.core.errors import ConfigError
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def option(default: Any, help: str, choices: tuple[Any, ...] | None = None, metavar: str | None = None) -> Any:
@@ -92,3 +99,28 @@ def given_fields(args: argparse.Namespace, cls: type, exclude: tuple[str, ...] =
     `exclude` names fields whose flag the command uses for something else, as in `add_dataclass_flags`."""
     names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """['rank=128', 'betas=[0.9,0.95]'] -> {'rank': 128, 'betas': [0.9, 0.95]} (values read as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} takes KEY=VALUE pairs, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = numbers_in(yaml.safe_load(value))
+        except yaml.YAMLError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def numbers_in(value: Any) -> Any:
+    """YAML 1.1 reads '1e-7' as a string; make such strings numbers (in lists and mappings too)."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [numbers_in(v) for v in value]
+    if isinstance(value, dict):
+        return {k: numbers_in(v) for k, v in value.items()}
+    return value

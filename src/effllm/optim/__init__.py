@@ -14,7 +14,13 @@ from effllm.optim.layerwise import LayerwiseOptimizer, enable_layerwise_updates,
 from effllm.optim.natural_galore import NaturalGaLoreAdamW, woodbury_natural_gradient
 from effllm.optim.projector import GaLoreProjector
 from effllm.optim.quantize8bit import dequantize_blockwise, dynamic_code, quantize_blockwise
-from effllm.optim.registry import build_optimizer, list_optimizers, optimizer_options
+from effllm.optim.registry import (
+    build_optimizer,
+    list_optimizers,
+    optimizer_options,
+    requires_backward,
+    steps_in_backward,
+)
 from effllm.optim.zeroth_order import ZOSGD, ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 
 __all__ = [
@@ -41,7 +47,9 @@ __all__ = [
     "optimizer_options",
     "quantize_blockwise",
     "release_state",
+    "requires_backward",
     "split_param_groups",
     "step_seed",
+    "steps_in_backward",
     "woodbury_natural_gradient",
 ]

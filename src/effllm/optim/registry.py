@@ -147,8 +147,8 @@ def build_optimizer(
     def make(param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         try:
             return spec.cls(param_groups, lr=lr, weight_decay=weight_decay, **settings)
-        except ValueError as err:  # torch's own optimizers reject bad hyperparameters with ValueError
-            raise ConfigError(f"optimizer {name!r}: {err}") from err
+        except (TypeError, ValueError) as err:  # bad hyperparameters (a string where a number belongs ...)
+            raise ConfigError(f"optimizer {name!r}: {err}; check its options") from err
 
     if layerwise:
         return LayerwiseOptimizer(groups, make, accumulation_steps)
@@ -157,6 +157,21 @@ def build_optimizer(
             "accumulation_steps is an option of layer-wise updates: set layerwise=True or leave it at 1"
         )
     return make(groups)
+
+
+def requires_backward_by_name(name: str) -> bool:
+    """False for the optimizers that step from forward passes alone (they keep no gradients)."""
+    return bool(getattr(_spec(name).cls, "requires_backward", True))
+
+
+def requires_backward(optimizer: torch.optim.Optimizer) -> bool:
+    """False for a built optimizer (zeroth-order, forward-gradient) stepped with a closure instead."""
+    return bool(getattr(optimizer, "requires_backward", True))
+
+
+def steps_in_backward(optimizer: torch.optim.Optimizer) -> bool:
+    """True for layer-wise updates, which step each parameter from a gradient hook during backward."""
+    return isinstance(optimizer, LayerwiseOptimizer)
 
 
 def _spec(name: str) -> _Spec:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import types
 import typing
 from dataclasses import dataclass
@@ -18,12 +17,12 @@ from typing import Any
 import yaml
 
 from effllm.core.errors import ConfigError
-from effllm.core.flags import option
+from effllm.core.flags import numbers_in, option, parse_key_values
+from effllm.optim.registry import list_optimizers
 
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant")
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -47,7 +46,8 @@ class TrainConfig:
     batch_size: int = option(8, "sequences per micro-batch, per process")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     # ---------------------------------------------------------------- optimizer and schedule
-    optimizer: str = option("adamw", "optimizer name: adamw, sgd, or any effllm.optim provides")
+    optimizer: str = option("adamw", f"optimizer, one of {', '.join(list_optimizers())} (effllm.optim."
+                            "list_optimizers describes each)")
     optimizer_options: dict[str, Any] = option({}, "optimizer options as KEY=VALUE (e.g. betas=[0.9,0.95] rank=128)")
     lr: float = option(3e-4, "peak learning rate")
     weight_decay: float = option(0.0, "decoupled weight decay (not applied to norms and biases)")
@@ -154,31 +154,6 @@ class TrainConfig:
                                   f"got {getattr(self, f.name)!r}")
 
 
-def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
-    """['rank=128', 'betas=[0.9,0.95]'] -> {'rank': 128, 'betas': [0.9, 0.95]} (values read as YAML)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} takes KEY=VALUE pairs, got {item!r}")
-        try:
-            out[key.replace("-", "_")] = _numbers(yaml.safe_load(value))
-        except yaml.YAMLError:
-            out[key.replace("-", "_")] = value
-    return out
-
-
-def _numbers(value: Any) -> Any:
-    """YAML 1.1 reads '1e-7' as a string; make such strings numbers (in lists and mappings too)."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    return value
-
-
 def _field_type(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
@@ -220,7 +195,7 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                 return parse_key_values([str(v) for v in value], f"--{flag}")
             if not isinstance(value, dict):
                 raise ValueError
-            return {str(k).replace("-", "_"): _numbers(v) for k, v in value.items()}
+            return {str(k).replace("-", "_"): numbers_in(v) for k, v in value.items()}
     except (TypeError, ValueError):
         pass
     else:

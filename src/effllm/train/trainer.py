@@ -29,6 +29,7 @@ from effllm.models.default import default_model_path
 from effllm.models.hub import resolve_model_path
 from effllm.models.tokenizer import load_tokenizer
 from effllm.models.transformer import CausalLM
+from effllm.optim import build_optimizer, optimizer_options, requires_backward, steps_in_backward
 from effllm.train.checkpointing import (
     latest_checkpoint,
     load_training_state,
@@ -53,12 +54,6 @@ from effllm.train.metrics import (
     flops_per_token,
     plot_loss_curve,
     truncate_metrics,
-)
-from effllm.train.optimizers import (
-    available_optimizers,
-    build_optimizer,
-    requires_backward,
-    steps_in_backward,
 )
 from effllm.train.progress import Progress
 from effllm.train.schedule import build_scheduler
@@ -170,13 +165,14 @@ class Trainer:
         self.tokenizer_folder = resolve_model_path(cfg.tokenizer or cfg.model)
         self.tokenizer = load_tokenizer(self.tokenizer_folder)
         self.model_config = self._model_config()
-        if cfg.optimizer not in available_optimizers():
-            raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(available_optimizers())}")
+        optimizer_options(cfg.optimizer)  # an unknown name fails now, listing the names, before any model is built
 
         freezes = get_method(cfg.method).freezes_parameters if cfg.method else False
         self.model = wrap_model(self._build_model(checkpoint), cfg.parallel, env, freezes)
-        self.optimizer = build_optimizer(cfg.optimizer, unwrap(self.model), cfg.lr, cfg.weight_decay,
-                                         cfg.optimizer_options, cfg.grad_accum)
+        options = dict(cfg.optimizer_options)
+        if options.get("layerwise"):  # layer-wise updates step inside backward, so they count the accumulation
+            options.setdefault("accumulation_steps", cfg.grad_accum)
+        self.optimizer = build_optimizer(cfg.optimizer, unwrap(self.model), cfg.lr, cfg.weight_decay, **options)
         if env.enabled and getattr(self.optimizer, "closure_takes_params", False):
             raise ConfigError(f"--optimizer {cfg.optimizer} (forward gradients) runs on one process only; "
                               "run it without torchrun")

@@ -8,7 +8,7 @@ from effllm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from effllm.engine.config import parse_memory
 from effllm.engine.kv_cache import block_bytes
 from effllm.models import save_model
-from effllm.models.tokenizer import build_byte_level_tokenizer
+from effllm.models.tokenizer_training import build_byte_level_tokenizer
 from tests.engine.conftest import byte_model
 
 

@@ -5,7 +5,7 @@ import torch
 
 from effllm.core.errors import InputError
 from effllm.engine import LLM, SamplingParams
-from effllm.models.tokenizer import build_byte_level_tokenizer
+from effllm.models.tokenizer_training import build_byte_level_tokenizer
 from tests.engine.conftest import byte_model
 
 

@@ -13,7 +13,8 @@ import torch
 from tokenizers import processors
 
 from effllm.models import CausalLM, ModelConfig, load_model, save_model
-from effllm.models.tokenizer import Tokenizer, build_byte_level_tokenizer, load_tokenizer, train_bpe_tokenizer
+from effllm.models.tokenizer import Tokenizer, load_tokenizer
+from effllm.models.tokenizer_training import build_byte_level_tokenizer, train_bpe_tokenizer
 
 BPE_TRAINING_TEXT = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "

@@ -16,13 +16,8 @@ from tokenizers import Tokenizer as Backend
 
 from effllm.core.errors import EffLLMError, InputError, TokenizerError
 from effllm.models.detokenize import IncrementalDetokenizer
-from effllm.models.tokenizer import (
-    CHATML_TEMPLATE,
-    Tokenizer,
-    build_byte_level_tokenizer,
-    load_tokenizer,
-    train_bpe_tokenizer,
-)
+from effllm.models.tokenizer import Tokenizer, load_tokenizer
+from effllm.models.tokenizer_training import CHATML_TEMPLATE, build_byte_level_tokenizer, train_bpe_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello, world! How are you today?",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from effllm.models.tokenizer import build_byte_level_tokenizer
+from effllm.models.tokenizer_training import build_byte_level_tokenizer
 from effllm.train import TrainConfig
 
 TINY_MODEL = dict(model_type="llama", vocab_size=272, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

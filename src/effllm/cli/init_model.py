@@ -37,7 +37,7 @@ def init_model(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str 
     import torch
 
     from effllm.models import CausalLM, ModelConfig, save_model
-    from effllm.models.tokenizer import build_byte_level_tokenizer
+    from effllm.models.tokenizer_training import build_byte_level_tokenizer
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -32,7 +32,7 @@ def train_tokenizer(data: list[str], out: str | Path, vocab_size: int = 8000, mi
                     special_tokens: list[str] | None = None, eos_token: str | None = None,
                     text_field: str = "text"):
     """Train and save a byte-level BPE on `data`; returns the `Tokenizer`."""
-    from effllm.models.tokenizer import DEFAULT_SPECIAL_TOKENS, train_bpe_tokenizer
+    from effllm.models.tokenizer_training import DEFAULT_SPECIAL_TOKENS, train_bpe_tokenizer
     from effllm.train.sources import find_files, iter_texts
 
     out = Path(out)

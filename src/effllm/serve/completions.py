@@ -24,7 +24,8 @@ from starlette.types import Receive, Scope, Send
 from effllm.core.errors import EffLLMError
 from effllm.engine.outputs import CompletionOutput, RequestOutput
 from effllm.engine.sampling_params import SamplingParams
-from effllm.models.tokenizer import Tokenizer, _bytes_to_unicode
+from effllm.models.byte_level import bytes_to_unicode
+from effllm.models.tokenizer import Tokenizer
 from effllm.serve.async_engine import AsyncEngine, RequestStream
 from effllm.serve.errors import APIError, error_body
 from effllm.serve.protocol import (
@@ -148,7 +149,7 @@ class TokenText:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.byte_level = type(tokenizer.backend.decoder).__name__ == "ByteLevel"
-        self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self.byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one instance per server, the cache is its point
     def text(self, token_id: int) -> str:

@@ -17,8 +17,9 @@ PROMPT = "It is a truth universally acknowledged, that"
 def main() -> int:
     folder = default_model_path()
     print(f"effllm: continuing {PROMPT!r} with the embedded default model ({folder})", file=sys.stderr)
-    return cli_main(["generate", PROMPT, "--max-tokens", "80", "--temperature", "0.8", "--top-p", "0.95",
-                     "--seed", "0"])
+    return cli_main(
+        ["generate", PROMPT, "--max-tokens", "80", "--temperature", "0.8", "--top-p", "0.95", "--seed", "0"]
+    )
 
 
 if __name__ == "__main__":

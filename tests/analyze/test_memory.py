@@ -106,7 +106,14 @@ def test_memory_estimator_matches_sgd_state_bytes_exactly(kwargs):
     assert optimizer_state_bytes(ModelConfig.from_hf_dict(LLAMA), "sgd", options=kwargs) == _state_bytes(sgd)
 
 
-BACKWARD_FREE = {"zo_sgd", "zo_sgd_sign", "zo_sgd_momentum", "zo_sgd_conservative", "zo_adam", "forward_grad_sgd"}
+BACKWARD_FREE = {
+    "zo_sgd",
+    "zo_sgd_sign",
+    "zo_sgd_momentum",
+    "zo_sgd_conservative",
+    "zo_adam",
+    "forward_grad_sgd",
+}
 
 
 def _step_any(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -7,8 +7,15 @@ from effllm.bench import latency, throughput
 
 
 def test_throughput_bench_reports_effllm_and_transformers_on_the_same_prompts():
-    result = throughput.run_throughput(shape="tiny", num_requests=6, input_len_min=4, input_len_max=40, output_len=5,
-                                       hf_batch_size=4, max_num_batched_tokens=32)
+    result = throughput.run_throughput(
+        shape="tiny",
+        num_requests=6,
+        input_len_min=4,
+        input_len_max=40,
+        output_len=5,
+        hf_batch_size=4,
+        max_num_batched_tokens=32,
+    )
     for name in ("effllm", "transformers"):
         assert result[name]["output_tokens"] == 6 * 5
         assert result[name]["output_tokens_per_s"] > 0 and result[name]["requests_per_s"] > 0
@@ -16,8 +23,16 @@ def test_throughput_bench_reports_effllm_and_transformers_on_the_same_prompts():
 
 
 def test_latency_bench_reports_ttft_and_tpot_with_chunked_prefill_on_and_off():
-    result = latency.run_latency(shape="tiny", prompt_tokens=24, output_tokens=4, reps=1, num_requests=3,
-                                 arrival_every=2, concurrent_output_tokens=3, chunk_budget=8)
+    result = latency.run_latency(
+        shape="tiny",
+        prompt_tokens=24,
+        output_tokens=4,
+        reps=1,
+        num_requests=3,
+        arrival_every=2,
+        concurrent_output_tokens=3,
+        chunk_budget=8,
+    )
     b1 = result["batch1"]
     for name in ("effllm", "transformers"):
         assert b1[name]["ttft_s"]["p50"] > 0 and b1[name]["tpot_s"]["p50"] > 0
@@ -29,10 +44,44 @@ def test_latency_bench_reports_ttft_and_tpot_with_chunked_prefill_on_and_off():
 
 
 def test_bench_clis_print_json(capsys):
-    for module, argv in ((throughput, ["--shape", "tiny", "--num-requests", "2", "--input-len-min", "4",
-                                       "--input-len-max", "8", "--output-len", "2", "--no-peers", "--json"]),
-                         (latency, ["--shape", "tiny", "--prompt-tokens", "8", "--output-tokens", "2", "--reps", "1",
-                                    "--num-requests", "2", "--concurrent-output-tokens", "2", "--no-peers", "--json"])):
+    for module, argv in (
+        (
+            throughput,
+            [
+                "--shape",
+                "tiny",
+                "--num-requests",
+                "2",
+                "--input-len-min",
+                "4",
+                "--input-len-max",
+                "8",
+                "--output-len",
+                "2",
+                "--no-peers",
+                "--json",
+            ],
+        ),
+        (
+            latency,
+            [
+                "--shape",
+                "tiny",
+                "--prompt-tokens",
+                "8",
+                "--output-tokens",
+                "2",
+                "--reps",
+                "1",
+                "--num-requests",
+                "2",
+                "--concurrent-output-tokens",
+                "2",
+                "--no-peers",
+                "--json",
+            ],
+        ),
+    ):
         parser = argparse.ArgumentParser()
         module.add_args(parser)
         assert module.main(parser.parse_args(argv)) == 0

@@ -15,7 +15,11 @@ def test_summary_uses_vllm_definitions():
     ]
     s = summarize(results, duration=2.0)
     assert (s["completed"], s["failed"], s["errors"]) == (2, 1, {"HTTP 429": 1})
-    assert s["request_throughput"] == 1.0 and s["output_throughput"] == 4.0 and s["total_token_throughput"] == 14.0
+    assert (
+        s["request_throughput"] == 1.0
+        and s["output_throughput"] == 4.0
+        and s["total_token_throughput"] == 14.0
+    )
     assert s["mean_ttft_ms"] == pytest.approx(200) and s["median_e2el_ms"] == pytest.approx(600)
     assert s["mean_tpot_ms"] == pytest.approx(150)  # (0.4 / 4 + 0.4 / 2) / 2
     assert s["median_itl_ms"] == pytest.approx(100) and s["p99_itl_ms"] == pytest.approx(200)
@@ -23,9 +27,16 @@ def test_summary_uses_vllm_definitions():
 
 def test_serve_bench_loads_a_launched_server_at_each_rate(tmp_path):
     model = str(init_model(tmp_path / "tiny"))
-    result = run_serve_bench(model=model, request_rates=[math.inf, 40.0], max_concurrency=4, num_prompts=8,
-                             input_len=16, output_len=6, server_args=["--num-kv-blocks", "64", "--device", "cpu"],
-                             timeout=120)
+    result = run_serve_bench(
+        model=model,
+        request_rates=[math.inf, 40.0],
+        max_concurrency=4,
+        num_prompts=8,
+        input_len=16,
+        output_len=6,
+        server_args=["--num-kv-blocks", "64", "--device", "cpu"],
+        timeout=120,
+    )
     assert result["prompt_kind"] == "token_ids" and result["server"]["launched"]
     assert [r["request_rate"] for r in result["results"]] == ["inf", 40.0]
     for run in result["results"]:

@@ -74,12 +74,17 @@ def test_gradient_tracker_sees_all_gradients_or_one_layer_at_a_time():
     assert tracker.peak == max(_param_bytes([p]) for p in model.parameters())
 
 
-@pytest.mark.parametrize("method", ["adamw", "galore-8bit-layerwise", "lisa", "owlore", "zo-sgd", "inference"])
+@pytest.mark.parametrize(
+    "method", ["adamw", "galore-8bit-layerwise", "lisa", "owlore", "zo-sgd", "inference"]
+)
 def test_measure_method_reports_memory_and_time(method):
     row = train_memory.measure_method("tiny", method, batch_size=1, seq_len=16, steps=2, warmup=1, rank=8)
     assert row["weights_bytes"] == _param_bytes(CausalLM(shape_config("tiny")).parameters())
     assert row["step_time_s"] > 0 and row["peak_bytes"] > 0
-    assert row["model_state_bytes"] == row["weights_bytes"] + row["gradient_peak_bytes"] + row["optimizer_state_bytes"]
+    assert (
+        row["model_state_bytes"]
+        == row["weights_bytes"] + row["gradient_peak_bytes"] + row["optimizer_state_bytes"]
+    )
     if method in ("zo-sgd", "inference"):
         assert row["gradient_peak_bytes"] == 0 and row["optimizer_state_bytes"] == 0
     else:
@@ -96,17 +101,32 @@ def test_measure_method_reports_memory_and_time(method):
 
 def test_goals_are_ratios_of_the_measured_rows():
     def row(method, state=0, added=0, step=1.0, over_gap=None, rank=None):
-        return {"shape": "s", "method": method, "rank": rank, "optimizer_state_bytes": state, "added_bytes": added,
-                "model_state_bytes": state + 100, "step_time_s": step, "step_time_over_gap_s": over_gap or step}
+        return {
+            "shape": "s",
+            "method": method,
+            "rank": rank,
+            "optimizer_state_bytes": state,
+            "added_bytes": added,
+            "model_state_bytes": state + 100,
+            "step_time_s": step,
+            "step_time_over_gap_s": over_gap or step,
+        }
 
-    rows = [row("inference", added=100), row("adamw", state=1000, added=1000),
-            row("galore-r128", state=300, added=600, over_gap=1.2, rank=128), row("galore-8bit", rank=128),
-            row("galore-8bit-layerwise", added=500, rank=128), row("zo-sgd", added=130)]
+    rows = [
+        row("inference", added=100),
+        row("adamw", state=1000, added=1000),
+        row("galore-r128", state=300, added=600, over_gap=1.2, rank=128),
+        row("galore-8bit", rank=128),
+        row("galore-8bit-layerwise", added=500, rank=128),
+        row("zo-sgd", added=130),
+    ]
     goals = train_memory.goals(rows)
     assert goals["galore_state_vs_adamw"] == {"measured": 0.3, "goal_at_most": 0.35, "met": True}
     assert goals["galore_8bit_layerwise_total_vs_adamw"]["measured"] == 0.5
     assert goals["galore_8bit_layerwise_total_vs_adamw"]["met"] is False
-    assert goals["galore_8bit_layerwise_weights_grads_state_vs_adamw"]["measured"] == pytest.approx(100 / 1100)
+    assert goals["galore_8bit_layerwise_weights_grads_state_vs_adamw"]["measured"] == pytest.approx(
+        100 / 1100
+    )
     assert goals["zo_sgd_total_vs_inference"]["measured"] == pytest.approx(1.3)
     assert goals["galore_step_time_over_gap_vs_adamw"]["measured"] == pytest.approx(1.2)
     assert train_memory.goals([row("adamw")])["galore_state_vs_adamw"]["met"] is None
@@ -114,9 +134,31 @@ def test_goals_are_ratios_of_the_measured_rows():
 
 def test_cli_runs_each_method_in_its_own_process_and_prints_json():
     proc = subprocess.run(
-        [sys.executable, "-m", "effllm", "bench", "train-memory", "--shapes", "tiny", "--methods", "adamw",
-         "zo-sgd", "--batch-size", "1", "--seq-len", "8", "--steps", "1", "--warmup", "0", "--json"],
-        capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-m",
+            "effllm",
+            "bench",
+            "train-memory",
+            "--shapes",
+            "tiny",
+            "--methods",
+            "adamw",
+            "zo-sgd",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(proc.stdout)
     assert [r["method"] for r in result["rows"]] == ["adamw", "zo-sgd"]
     assert all("error" not in r for r in result["rows"])
@@ -124,7 +166,10 @@ def test_cli_runs_each_method_in_its_own_process_and_prints_json():
 
 
 def test_cli_rejects_an_unknown_method_in_one_line():
-    proc = subprocess.run([sys.executable, "-m", "effllm", "bench", "train-memory", "--methods", "sgd-ish"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "effllm", "bench", "train-memory", "--methods", "sgd-ish"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown method 'sgd-ish'" in proc.stderr

@@ -30,8 +30,25 @@ def test_generate_streams_greedy_text_deterministically(tiny, capsys):
 
 
 def test_generate_chat_and_sampling_options_run(tiny, capsys):
-    argv = ["generate", "Hi", "--model", str(tiny), "--chat", "--system", "Be brief.", "--max-tokens", "6",
-            "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    argv = [
+        "generate",
+        "Hi",
+        "--model",
+        str(tiny),
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0
     a = capsys.readouterr().out
     assert main(argv) == 0
@@ -76,8 +93,11 @@ def test_init_model_refuses_a_non_empty_folder(tiny, capsys):
 
 
 def test_entry_point_bad_input_exits_2_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "effllm", "generate", "x", "--model", str(tmp_path / "no")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "effllm", "generate", "x", "--model", str(tmp_path / "no")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 

@@ -10,10 +10,20 @@ from effllm.core.flags import add_dataclass_flags, given_fields, option
 from effllm.engine.config import EngineConfig
 from effllm.train.config import TrainConfig
 
-ENGINE_COMMANDS = [["generate"], ["serve"], ["bench", "throughput"], ["bench", "latency"], ["bench", "generate"]]
+ENGINE_COMMANDS = [
+    ["generate"],
+    ["serve"],
+    ["bench", "throughput"],
+    ["bench", "latency"],
+    ["bench", "generate"],
+]
 # Fields a command spells differently on purpose: generate's --seed is the request's, a bench's --dtype the model's.
-OWN_MEANING = {("generate",): {"seed"}, ("bench", "throughput"): {"dtype"}, ("bench", "latency"): {"dtype"},
-               ("bench", "generate"): {"dtype"}}
+OWN_MEANING = {
+    ("generate",): {"seed"},
+    ("bench", "throughput"): {"dtype"},
+    ("bench", "latency"): {"dtype"},
+    ("bench", "generate"): {"dtype"},
+}
 
 
 def subparser(path: list[str]) -> argparse.ArgumentParser:
@@ -40,11 +50,24 @@ def test_every_engine_field_is_a_flag_with_its_help(path):
 
 
 def test_engine_flags_parse_to_the_config_fields():
-    args = subparser(["serve"]).parse_args(["--no-enable-prefix-caching", "--max-num-seqs", "4",
-                                            "--kv-cache-memory", "1GiB", "--attention-backend", "paged"])
+    args = subparser(["serve"]).parse_args(
+        [
+            "--no-enable-prefix-caching",
+            "--max-num-seqs",
+            "4",
+            "--kv-cache-memory",
+            "1GiB",
+            "--attention-backend",
+            "paged",
+        ]
+    )
     options = given_fields(args, EngineConfig)
-    assert options == {"enable_prefix_caching": False, "max_num_seqs": 4, "kv_cache_memory": "1GiB",
-                       "attention_backend": "paged"}
+    assert options == {
+        "enable_prefix_caching": False,
+        "max_num_seqs": 4,
+        "kv_cache_memory": "1GiB",
+        "attention_backend": "paged",
+    }
     assert EngineConfig(**options).max_num_seqs == 4
 
 
@@ -72,8 +95,16 @@ class Toy:
 def test_field_types_map_to_argparse_kinds():
     parser = argparse.ArgumentParser()
     add_dataclass_flags(parser, Toy)
-    args = parser.parse_args(["--no-flag", "--count", "3", "--names", "x", "y", "--pairs", "k=1", "--mode", "b"])
-    assert given_fields(args, Toy) == {"flag": False, "count": 3, "names": ["x", "y"], "pairs": ["k=1"], "mode": "b"}
+    args = parser.parse_args(
+        ["--no-flag", "--count", "3", "--names", "x", "y", "--pairs", "k=1", "--mode", "b"]
+    )
+    assert given_fields(args, Toy) == {
+        "flag": False,
+        "count": 3,
+        "names": ["x", "y"],
+        "pairs": ["k=1"],
+        "mode": "b",
+    }
     assert given_fields(parser.parse_args([]), Toy) == {}  # absent flags leave the defaults to the dataclass
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])

@@ -28,8 +28,15 @@ def tiny_llama(tmp_path_factory):
 def byte_model(seed: int = 0) -> CausalLM:
     """A tiny llama over a byte-level vocabulary (259 ids) whose greedy output is printable ASCII."""
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = ModelConfig(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     model = CausalLM(config).eval()
     with torch.no_grad():
         printable = torch.zeros(259, dtype=torch.bool)

@@ -31,5 +31,9 @@ def test_a_backend_registered_in_the_table_is_used(tiny_llama, monkeypatch):
     monkeypatch.setitem(BACKENDS, "counting", Counting)
     params = SamplingParams(temperature=0, max_tokens=4)
     expected = LLM(tiny_llama).generate([[1, 2, 3]], params, use_tqdm=False)[0].token_ids
-    got = LLM(tiny_llama, attention_backend="counting").generate([[1, 2, 3]], params, use_tqdm=False)[0].token_ids
+    got = (
+        LLM(tiny_llama, attention_backend="counting")
+        .generate([[1, 2, 3]], params, use_tqdm=False)[0]
+        .token_ids
+    )
     assert got == expected and calls == [3, 1, 1, 1]

@@ -12,13 +12,19 @@ from effllm.engine.cuda_graphs import graph_batch_sizes
 
 def prompts():
     gen = torch.Generator().manual_seed(0)
-    return [{"prompt_token_ids": torch.randint(0, 128, (n,), generator=gen).tolist()} for n in (1, 9, 40, 130, 300)]
+    return [
+        {"prompt_token_ids": torch.randint(0, 128, (n,), generator=gen).tolist()}
+        for n in (1, 9, 40, 130, 300)
+    ]
 
 
 @pytest.fixture(scope="module")
 def cpu_outputs(tiny_llama):
     params = SamplingParams(temperature=0, max_tokens=20)
-    return [o.token_ids for o in LLM(tiny_llama, max_num_batched_tokens=64).generate(prompts(), params, use_tqdm=False)]
+    return [
+        o.token_ids
+        for o in LLM(tiny_llama, max_num_batched_tokens=64).generate(prompts(), params, use_tqdm=False)
+    ]
 
 
 @pytest.mark.cuda

@@ -60,8 +60,9 @@ def test_abort_ends_a_request_and_frees_its_blocks(tiny_llama):
 
 def test_outputs_carry_timings_and_come_back_in_prompt_order(tiny_llama):
     prompts = [{"prompt_token_ids": list(range(1, n))} for n in (90, 3, 40)]
-    outs = LLM(tiny_llama).generate(prompts, [SamplingParams(max_tokens=k, temperature=0) for k in (2, 9, 5)],
-                                    use_tqdm=False)
+    outs = LLM(tiny_llama).generate(
+        prompts, [SamplingParams(max_tokens=k, temperature=0) for k in (2, 9, 5)], use_tqdm=False
+    )
     assert [len(o.token_ids) for o in outs] == [2, 9, 5]
     for o in outs:
         m = o.metrics
@@ -72,8 +73,9 @@ def test_outputs_carry_timings_and_come_back_in_prompt_order(tiny_llama):
 def test_text_prompts_through_a_checkpoint_folder(tmp_path):
     save_model(byte_model(), tmp_path, tokenizer=build_byte_level_tokenizer())
     llm = LLM(str(tmp_path), dtype="float32", device="cpu")
-    out = llm.generate(["Hi there", {"prompt": "Hi there"}], SamplingParams(temperature=0, max_tokens=8),
-                       use_tqdm=False)
+    out = llm.generate(
+        ["Hi there", {"prompt": "Hi there"}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False
+    )
     assert out[0].prompt == "Hi there" and out[0].prompt_token_ids == list(b"Hi there")
     assert out[0].text == out[1].text and len(out[0].text) == 8
     engine = LLMEngine.from_pretrained(tmp_path, device="cpu", max_num_seqs=4)
@@ -92,7 +94,9 @@ def test_engine_config_checks_and_memory_sizes():
         EngineConfig(block_size=0)
     with pytest.raises(ConfigError, match="max_num_seqs"):
         EngineConfig(max_num_batched_tokens=8, max_num_seqs=16).resolve(512, torch.device("cpu"))
-    unchunked = EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=64).resolve(512, torch.device("cpu"))
+    unchunked = EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=64).resolve(
+        512, torch.device("cpu")
+    )
     assert unchunked.max_num_batched_tokens == 512  # a whole prompt must fit in one step
 
 

@@ -28,8 +28,14 @@ def expected(pair, prompts):
     with torch.no_grad():
         for ids in prompts:
             # An explicit attention mask: otherwise prompt tokens equal to pad_token_id are masked out.
-            seq = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            seq = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+            )
             out.append(seq[0, len(ids) :].tolist())
     return out
 

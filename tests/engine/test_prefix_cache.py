@@ -33,8 +33,11 @@ def test_second_request_computes_only_its_suffix(tiny_llama):
 def test_n_samples_share_the_prompt_blocks(tiny_llama):
     prompt = prompts_with_shared_prefix(prefix_len=100, suffixes=(0,))[0]
     llm = LLM(tiny_llama)
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        {"prompt_token_ids": prompt},
+        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8),
+        use_tqdm=False,
+    )[0]
     assert len(out.outputs) == 3 and all(len(c.token_ids) == 8 for c in out.outputs)
     # The first sample prefills 100 tokens; the other two take its 6 full blocks (96 tokens) from the cache.
     assert llm.engine.stats.num_prefix_cache_hit_tokens == 2 * 96

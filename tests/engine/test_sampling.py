@@ -20,13 +20,18 @@ def test_seeded_sampling_reproduces_across_batch_compositions(tiny_llama):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=20)
     alone = LLM(tiny_llama).generate(target, params, use_tqdm=False)[0].token_ids
     others = random_prompts(7, seed=2)
-    mixed_params = [SamplingParams(temperature=1.3, max_tokens=25), SamplingParams(temperature=0, max_tokens=5)] * 4
+    mixed_params = [
+        SamplingParams(temperature=1.3, max_tokens=25),
+        SamplingParams(temperature=0, max_tokens=5),
+    ] * 4
     batch = others[:3] + [target] + others[3:]
-    outs = LLM(tiny_llama, max_num_batched_tokens=40).generate(batch, mixed_params[:3] + [params] + mixed_params[3:7],
-                                                                use_tqdm=False)
+    outs = LLM(tiny_llama, max_num_batched_tokens=40).generate(
+        batch, mixed_params[:3] + [params] + mixed_params[3:7], use_tqdm=False
+    )
     assert outs[3].token_ids == alone
-    unseeded = LLM(tiny_llama, seed=99).generate(target, SamplingParams(temperature=0.9, max_tokens=20),
-                                                 use_tqdm=False)[0]
+    unseeded = LLM(tiny_llama, seed=99).generate(
+        target, SamplingParams(temperature=0.9, max_tokens=20), use_tqdm=False
+    )[0]
     assert unseeded.token_ids != alone  # the seed, not the prompt, fixes the samples
 
 
@@ -41,15 +46,22 @@ def test_top_k_1_equals_greedy(tiny_llama):
 def test_tiny_top_p_and_min_p_equal_greedy(tiny_llama):
     prompts = random_prompts(4, seed=4)
     llm = LLM(tiny_llama)
-    greedy = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)]
-    for params in (SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12),
-                   SamplingParams(temperature=1.0, min_p=0.999999, max_tokens=12)):
+    greedy = [
+        o.token_ids
+        for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    ]
+    for params in (
+        SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12),
+        SamplingParams(temperature=1.0, min_p=0.999999, max_tokens=12),
+    ):
         assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == greedy
 
 
 def test_logprobs_are_those_of_the_model(tiny_llama):
     prompt = random_prompts(1, seed=5)[0]
-    out = LLM(tiny_llama).generate(prompt, SamplingParams(temperature=0, max_tokens=4, logprobs=3), use_tqdm=False)[0]
+    out = LLM(tiny_llama).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=4, logprobs=3), use_tqdm=False
+    )[0]
     ids = prompt["prompt_token_ids"] + out.token_ids
     with torch.no_grad():
         logp = tiny_llama(torch.tensor([ids]))[0].log_softmax(-1)
@@ -64,8 +76,11 @@ def test_penalties_change_what_is_repeated(tiny_llama):
     prompt = random_prompts(1, seed=6)[0]
     llm = LLM(tiny_llama)
     plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].token_ids
-    penalised = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, frequency_penalty=2.0,
-                                                    presence_penalty=2.0), use_tqdm=False)[0].token_ids
+    penalised = llm.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=40, frequency_penalty=2.0, presence_penalty=2.0),
+        use_tqdm=False,
+    )[0].token_ids
     assert len(set(penalised)) > len(set(plain))
 
 
@@ -75,10 +90,19 @@ def test_min_tokens_holds_back_end_tokens(tiny_llama):
     greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0].token_ids
     stop = greedy[2]
     first = greedy.index(stop)
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop]), use_tqdm=False)[0]
-    assert out.token_ids == greedy[: first + 1] and out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
-    held = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, min_tokens=first + 2,
-                                               stop_token_ids=[stop]), use_tqdm=False)[0]
+    out = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop]), use_tqdm=False
+    )[0]
+    assert (
+        out.token_ids == greedy[: first + 1]
+        and out.finish_reason == "stop"
+        and out.outputs[0].stop_reason == stop
+    )
+    held = llm.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=10, min_tokens=first + 2, stop_token_ids=[stop]),
+        use_tqdm=False,
+    )[0]
     assert len(held.token_ids) >= first + 2 and stop not in held.token_ids[: first + 2]
 
 
@@ -93,12 +117,18 @@ def test_stop_strings_cut_exactly_where_they_begin(byte_llm):
     assert len(full) == 40 and full.isascii()
     stop = full[17:20]
     cut = full.index(stop)
-    out = byte_llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40, stop=[stop, "never!"]),
-                            use_tqdm=False)[0]
+    out = byte_llm.generate(
+        "Once upon a time",
+        SamplingParams(temperature=0, max_tokens=40, stop=[stop, "never!"]),
+        use_tqdm=False,
+    )[0]
     assert out.text == full[:cut]
     assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
-    kept = byte_llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=40, stop=stop,
-                                                                include_stop_str_in_output=True), use_tqdm=False)[0]
+    kept = byte_llm.generate(
+        "Once upon a time",
+        SamplingParams(temperature=0, max_tokens=40, stop=stop, include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0]
     assert kept.text == full[: cut + len(stop)]
 
 
@@ -119,9 +149,22 @@ def test_streamed_deltas_add_up_and_never_show_a_stop_string(byte_llm):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(min_p=1.5), dict(n=0),
-     dict(max_tokens=0), dict(min_tokens=5, max_tokens=2), dict(repetition_penalty=0), dict(presence_penalty=3),
-     dict(frequency_penalty=-2.5), dict(stop=[""]), dict(stop_token_ids=[-1]), dict(logprobs=-1)],
+    [
+        dict(temperature=-0.1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(min_p=1.5),
+        dict(n=0),
+        dict(max_tokens=0),
+        dict(min_tokens=5, max_tokens=2),
+        dict(repetition_penalty=0),
+        dict(presence_penalty=3),
+        dict(frequency_penalty=-2.5),
+        dict(stop=[""]),
+        dict(stop_token_ids=[-1]),
+        dict(logprobs=-1),
+    ],
 )
 def test_invalid_sampling_params_raise_at_construction(kwargs):
     with pytest.raises(InputError):

@@ -64,8 +64,10 @@ class ShadowModel:
                 self.slots[slot[p]] = keys[p]
             assert [self.slots[s] for s in slot] == keys, "a sequence reads keys that are not its own"
             if end == len(tokens):
-                targets = [(next_token(tokens[: request.num_tokens + i]), None)
-                           for i in range(len(request.draft_token_ids) + 1)]
+                targets = [
+                    (next_token(tokens[: request.num_tokens + i]), None)
+                    for i in range(len(request.draft_token_ids) + 1)
+                ]
                 sampled[request] = accept_greedy(request.draft_token_ids, targets)
         return sampled
 
@@ -97,20 +99,22 @@ def check_blocks(blocks: BlockManager, live: list[Request]) -> None:
     assert all(blocks.block_keys[b] is not None for b in range(blocks.num_blocks) if holders[b] > 1)
 
 
-workloads = st.fixed_dictionaries({
-    "prompts": st.lists(st.lists(st.integers(0, 1), min_size=1, max_size=60), min_size=1, max_size=12),
-    "shared_prefix": st.lists(st.integers(0, 1), max_size=24),
-    "max_tokens": st.lists(st.integers(1, 16), min_size=12, max_size=12),
-    "arrival_steps": st.lists(st.integers(0, 6), min_size=12, max_size=12),
-    "aborts": st.dictionaries(st.integers(0, 11), st.integers(0, 20), max_size=3),
-    "max_num_seqs": st.integers(1, 6),
-    "extra_budget": st.integers(0, 40),
-    "extra_blocks": st.integers(0, 40),
-    "chunked": st.booleans(),
-    "prefix_caching": st.booleans(),
-    "num_drafts": st.sampled_from([0, 0, 1, 3]),
-    "draft_seed": st.integers(0, 2**16),
-})
+workloads = st.fixed_dictionaries(
+    {
+        "prompts": st.lists(st.lists(st.integers(0, 1), min_size=1, max_size=60), min_size=1, max_size=12),
+        "shared_prefix": st.lists(st.integers(0, 1), max_size=24),
+        "max_tokens": st.lists(st.integers(1, 16), min_size=12, max_size=12),
+        "arrival_steps": st.lists(st.integers(0, 6), min_size=12, max_size=12),
+        "aborts": st.dictionaries(st.integers(0, 11), st.integers(0, 20), max_size=3),
+        "max_num_seqs": st.integers(1, 6),
+        "extra_budget": st.integers(0, 40),
+        "extra_blocks": st.integers(0, 40),
+        "chunked": st.booleans(),
+        "prefix_caching": st.booleans(),
+        "num_drafts": st.sampled_from([0, 0, 1, 3]),
+        "draft_seed": st.integers(0, 2**16),
+    }
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -120,16 +124,21 @@ def test_scheduler_invariants(w):
     longest = max(len(p) + m for p, m in zip(prompts, w["max_tokens"], strict=False))
     num_blocks = -(-longest // BLOCK) + w["extra_blocks"]
     config = EngineConfig(
-        block_size=BLOCK, num_kv_blocks=num_blocks, max_num_seqs=w["max_num_seqs"],
-        max_num_batched_tokens=w["max_num_seqs"] + w["extra_budget"], enable_chunked_prefill=w["chunked"],
+        block_size=BLOCK,
+        num_kv_blocks=num_blocks,
+        max_num_seqs=w["max_num_seqs"],
+        max_num_batched_tokens=w["max_num_seqs"] + w["extra_budget"],
+        enable_chunked_prefill=w["chunked"],
         enable_prefix_caching=w["prefix_caching"],
     ).resolve(max_position_embeddings=256, device=torch.device("cpu"))
     blocks = BlockManager(num_blocks, BLOCK, w["prefix_caching"])
     scheduler = Scheduler(config, blocks)
     model = ShadowModel(num_blocks)
     proposer = FakeProposer(random.Random(w["draft_seed"]), w["num_drafts"]) if w["num_drafts"] else None
-    requests = [Request(str(i), p, SamplingParams(temperature=0, max_tokens=m))
-                for i, (p, m) in enumerate(zip(prompts, w["max_tokens"], strict=False))]
+    requests = [
+        Request(str(i), p, SamplingParams(temperature=0, max_tokens=m))
+        for i, (p, m) in enumerate(zip(prompts, w["max_tokens"], strict=False))
+    ]
     step = 0
     while step <= 6 or scheduler.has_unfinished():
         for i, request in enumerate(requests):
@@ -149,11 +158,16 @@ def test_scheduler_invariants(w):
         assert sizes == sorted(sizes, key=lambda n: n > 1)
         # Only whole, accepted blocks are ever cached: every cached key names the tokens its block holds.
         for r in scheduler.running:
-            assert all(blocks.block_keys[b] is None or blocks.block_keys[b][1] == tuple(r.token_ids[i * BLOCK : (i + 1) * BLOCK])
-                       for i, b in enumerate(r.block_ids[: r.num_computed_tokens // BLOCK]))
+            assert all(
+                blocks.block_keys[b] is None
+                or blocks.block_keys[b][1] == tuple(r.token_ids[i * BLOCK : (i + 1) * BLOCK])
+                for i, b in enumerate(r.block_ids[: r.num_computed_tokens // BLOCK])
+            )
         if not config.enable_chunked_prefill:
-            assert all(n == r.num_tokens + len(r.draft_token_ids) - r.num_computed_tokens
-                       for r, n in zip(out.requests, sizes, strict=True))
+            assert all(
+                n == r.num_tokens + len(r.draft_token_ids) - r.num_computed_tokens
+                for r, n in zip(out.requests, sizes, strict=True)
+            )
         scheduler.update(out, model.execute(out))
         check_blocks(blocks, scheduler.running + list(scheduler.waiting))
         step += 1
@@ -167,7 +181,10 @@ def test_scheduler_invariants(w):
 
 def test_preemption_under_a_small_cache_keeps_greedy_outputs(tiny_llama):
     gen = torch.Generator().manual_seed(5)
-    prompts = [{"prompt_token_ids": torch.randint(0, 128, (n,), generator=gen).tolist()} for n in (40, 70, 25, 90, 55, 8)]
+    prompts = [
+        {"prompt_token_ids": torch.randint(0, 128, (n,), generator=gen).tolist()}
+        for n in (40, 70, 25, 90, 55, 8)
+    ]
     params = SamplingParams(temperature=0, max_tokens=30)
     roomy = LLM(tiny_llama, max_num_seqs=6, max_num_batched_tokens=48)
     # 20 blocks of 16 tokens cannot hold all six sequences at once: some are preempted and recomputed.
@@ -184,7 +201,9 @@ def test_no_block_leaks_after_finish_and_abort(tiny_llama, prefix_caching):
     llm = LLM(tiny_llama, max_num_seqs=4, max_num_batched_tokens=32, enable_prefix_caching=prefix_caching)
     engine = llm.engine
     for i in range(6):
-        engine.add_request(str(i), list(range(1, 30 + 5 * i)), SamplingParams(temperature=0, max_tokens=20, n=1 + i % 2))
+        engine.add_request(
+            str(i), list(range(1, 30 + 5 * i)), SamplingParams(temperature=0, max_tokens=20, n=1 + i % 2)
+        )
     for _ in range(5):
         engine.step()
     engine.abort(["1", "4"])

@@ -33,7 +33,10 @@ class CorruptingProposer:
 
 def prompts(n=6, seed=3):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (int(m),), generator=gen).tolist() for m in torch.randint(5, 60, (n,), generator=gen)]
+    return [
+        torch.randint(0, 128, (int(m),), generator=gen).tolist()
+        for m in torch.randint(5, 60, (n,), generator=gen)
+    ]
 
 
 def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():

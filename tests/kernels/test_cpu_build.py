@@ -16,9 +16,16 @@ def fresh_cache(tmp_path, monkeypatch):
     build._load.cache_clear()
 
 
-SIGNATURE = {"paged_decode_f32": ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
-                                  + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64,
-                                                            ctypes.c_void_p], None)}
+SIGNATURE = {
+    "paged_decode_f32": (
+        [ctypes.c_void_p] * 4
+        + [ctypes.c_int64]
+        + [ctypes.c_void_p] * 2
+        + [ctypes.c_int64] * 4
+        + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+        None,
+    )
+}
 
 
 @pytest.mark.skipif(not build.shutil.which("cc"), reason="no C compiler")

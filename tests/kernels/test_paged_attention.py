@@ -25,7 +25,9 @@ def scatter_into_pages(keys, values, num_blocks, device="cpu", dtype=torch.float
     tables = []
     for k, v in zip(keys, values, strict=True):
         blocks = [free.pop() for _ in range(-(-k.shape[0] // BLOCK))]
-        slots = torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(k.shape[0])], device=device)
+        slots = torch.tensor(
+            [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(k.shape[0])], device=device
+        )
         write_kv(k_cache, v_cache, k.to(device, dtype), v.to(device, dtype), slots)
         tables.append(blocks)
     return k_cache, v_cache, tables
@@ -81,10 +83,17 @@ def test_triton_kernel_matches_dense_attention_on_a_mixed_step(window, dtype):
     keys, values = random_sequences(lengths)
     k_cache, v_cache, tables = scatter_into_pages(keys, values, num_blocks=40, device="cuda", dtype=dtype)
     width = max(map(len, tables))
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
-    seq_ids = torch.tensor([i for i, c in enumerate(chunks) for _ in range(c)], dtype=torch.int32, device="cuda")
-    positions = torch.tensor([p for n, c in zip(lengths, chunks, strict=True) for p in range(n - c, n)],
-                             dtype=torch.int32, device="cuda")
+    block_tables = torch.tensor(
+        [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda"
+    )
+    seq_ids = torch.tensor(
+        [i for i, c in enumerate(chunks) for _ in range(c)], dtype=torch.int32, device="cuda"
+    )
+    positions = torch.tensor(
+        [p for n, c in zip(lengths, chunks, strict=True) for p in range(n - c, n)],
+        dtype=torch.int32,
+        device="cuda",
+    )
     q = torch.randn(sum(chunks), HEADS, DIM, device="cuda", dtype=dtype)
     got = paged_attention_triton(q, k_cache, v_cache, block_tables, seq_ids, positions, window, DIM**-0.5)
     start = 0
@@ -111,14 +120,27 @@ def test_compiled_cpu_decode_matches_dense_attention(window, heads, kv_heads, th
     tables = []
     for k, v in zip(keys, values, strict=True):
         blocks = [free.pop() for _ in range(-(-k.shape[0] // BLOCK))]
-        write_kv(k_cache, v_cache, k, v, torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(k))]))
+        write_kv(
+            k_cache,
+            v_cache,
+            k,
+            v,
+            torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(k))]),
+        )
         tables.append(blocks)
     width = max(map(len, tables))
     lo = [0 if window is None else max(0, n - window) for n in lengths]
     q = torch.randn(len(lengths), heads, DIM, generator=gen)
-    got = paged_decode_attention_cpu(q, k_cache, v_cache, torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-                                     torch.tensor(lengths), torch.tensor(lo), split_rows(lengths, lo, threads),
-                                     DIM**-0.5)
+    got = paged_decode_attention_cpu(
+        q,
+        k_cache,
+        v_cache,
+        torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        torch.tensor(lengths),
+        torch.tensor(lo),
+        split_rows(lengths, lo, threads),
+        DIM**-0.5,
+    )
     for i in range(len(lengths)):
         expected = dense(q[i : i + 1], keys[i], values[i], window)
         torch.testing.assert_close(got[i : i + 1], expected, atol=1e-5, rtol=1e-5)

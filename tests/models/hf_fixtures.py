@@ -22,15 +22,21 @@ VARIANTS = {
     "llama-llama3-rope": dict(
         model_type="llama",
         rope_scaling=dict(
-            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
         ),
         rope_theta=500000.0,
     ),
     "llama-linear-rope": dict(model_type="llama", rope_scaling=dict(rope_type="linear", factor=2.0)),
-    "llama-dynamic-rope": dict(model_type="llama", rope_scaling=dict(rope_type="dynamic", factor=2.0),
-                               max_position_embeddings=16),
+    "llama-dynamic-rope": dict(
+        model_type="llama", rope_scaling=dict(rope_type="dynamic", factor=2.0), max_position_embeddings=16
+    ),
     "llama-yarn-rope": dict(
-        model_type="llama", rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
+        model_type="llama",
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
     ),
     "llama-bias-tied": dict(model_type="llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "qwen2-tied": dict(model_type="qwen2", tie_word_embeddings=True),

@@ -17,7 +17,9 @@ def _ids():
     return torch.randint(0, 128, (2, 17))
 
 
-@pytest.mark.parametrize("variant", ["llama-bias-tied", "qwen2-untied", "mistral-sliding", "llama-llama3-rope"])
+@pytest.mark.parametrize(
+    "variant", ["llama-bias-tied", "qwen2-untied", "mistral-sliding", "llama-llama3-rope"]
+)
 def test_saved_checkpoint_loads_in_transformers_with_same_logits(tmp_path, variant):
     from transformers import AutoModelForCausalLM
 
@@ -41,8 +43,11 @@ def test_transformers_sharded_checkpoint_loads(tmp_path):
 
 
 def test_effllm_writes_shards_with_index_above_the_shard_size(tmp_path):
-    model = CausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4))
+    model = CausalLM(
+        ModelConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+        )
+    )
     save_model(model, tmp_path / "m", max_shard_bytes=20_000)
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -53,7 +58,9 @@ def test_effllm_writes_shards_with_index_above_the_shard_size(tmp_path):
 
 
 def test_resaving_into_an_existing_folder_replaces_weights_and_keeps_other_files(tmp_path):
-    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    config = ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    )
     out = tmp_path / "m"
     save_model(CausalLM(config), out, max_shard_bytes=20_000)
     (out / "notes.txt").write_text("keep me")
@@ -101,9 +108,17 @@ def test_unknown_model_type_names_the_supported_ones(tmp_path):
 
 def test_unsupported_rope_type_names_the_supported_ones():
     with pytest.raises(ConfigError, match="default, linear, dynamic, llama3, yarn"):
-        ModelConfig.from_hf_dict(dict(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8,
-                                      num_hidden_layers=1, num_attention_heads=1,
-                                      rope_scaling={"rope_type": "longrope"}))
+        ModelConfig.from_hf_dict(
+            dict(
+                model_type="llama",
+                vocab_size=8,
+                hidden_size=8,
+                intermediate_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=1,
+                rope_scaling={"rope_type": "longrope"},
+            )
+        )
 
 
 def test_config_shape_disagreeing_with_weights_is_a_clear_error(tmp_path):
@@ -117,9 +132,17 @@ def test_config_shape_disagreeing_with_weights_is_a_clear_error(tmp_path):
 
 def test_num_parameters_counts_the_model_exactly():
     for tied in (True, False):
-        config = ModelConfig(model_type="qwen2", vocab_size=50, hidden_size=32, intermediate_size=40,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, qkv_bias=True,
-                             tie_word_embeddings=tied)
+        config = ModelConfig(
+            model_type="qwen2",
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            qkv_bias=True,
+            tie_word_embeddings=tied,
+        )
         model = CausalLM(config)
         assert config.num_parameters() == sum(p.numel() for p in model.parameters())
 

@@ -13,14 +13,17 @@ def test_default_model_ships_in_bf16_with_its_tokenizer():
     assert model.dtype == torch.bfloat16 and 10e6 < sum(p.numel() for p in model.parameters()) < 20e6
     tok = load_tokenizer(folder)
     assert tok.vocab_size == model.config.vocab_size
-    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "Hi"}],
-                                                              add_generation_prompt=True)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True
+    )
 
 
 def test_transformers_loads_the_default_model_with_the_same_logits():
     transformers = pytest.importorskip("transformers")
     ours = load_model(DEFAULT_MODEL_DIR, dtype="float32", device="cpu")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
-    ids = torch.tensor([load_tokenizer(DEFAULT_MODEL_DIR).encode("It is a truth universally acknowledged, that")])
+    ids = torch.tensor(
+        [load_tokenizer(DEFAULT_MODEL_DIR).encode("It is a truth universally acknowledged, that")]
+    )
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4

@@ -9,8 +9,17 @@ from effllm.models.transformer import CausalLM
 
 def _model() -> CausalLM:
     torch.manual_seed(0)
-    config = ModelConfig.from_hf_dict(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    config = ModelConfig.from_hf_dict(
+        dict(
+            model_type="llama",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     return CausalLM(config)
 
 
@@ -37,7 +46,9 @@ def test_train_mode_drops_with_the_torch_seed():
     assert torch.equal(a, b) and not torch.allclose(a, plain, atol=1e-3)
     # the embedding output itself: about p of it zeroed, the rest scaled by 1/(1-p)
     captured = {}
-    model.model.layers[0].input_layernorm.register_forward_hook(lambda m, inp, out: captured.setdefault("x", inp[0]))
+    model.model.layers[0].input_layernorm.register_forward_hook(
+        lambda m, inp, out: captured.setdefault("x", inp[0])
+    )
     model(IDS)
     x, emb = captured["x"], model.model.embed_tokens(IDS)
     kept = x != 0

@@ -34,8 +34,10 @@ class TransposedLinear(nn.Module):
 
 
 def transposed_q(model: nn.Module, section: dict) -> None:
-    swap_modules(model, lambda name, m: TransposedLinear(m.in_features, m.out_features)
-                 if name.endswith("q_proj") else None)
+    swap_modules(
+        model,
+        lambda name, m: TransposedLinear(m.in_features, m.out_features) if name.endswith("q_proj") else None,
+    )
 
 
 @pytest.fixture
@@ -47,8 +49,15 @@ def toy_layout():
 
 def tiny(tie: bool = True) -> CausalLM:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
     return CausalLM(config).eval()
 
 

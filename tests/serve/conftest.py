@@ -57,7 +57,9 @@ def slow_engine(engine, monkeypatch) -> LLMEngine:
     return engine
 
 
-def generate_offline(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+def generate_offline(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
+) -> list[RequestOutput]:
     """The engine's final outputs for `prompts`, stepping it directly (no server may be running on it)."""
     for i, ids in enumerate(prompts):
         engine.add_request(f"offline-{i}", {"prompt_token_ids": ids}, params)
@@ -70,11 +72,18 @@ def generate_offline(engine: LLMEngine, prompts: list[list[int]], params: Sampli
 
 
 @contextlib.contextmanager
-def running_server(app, timeout: float = 30.0, shutdown_timeout: float = 5,
-                   on_shutdown_timeout=None) -> Iterator[str]:
+def running_server(
+    app, timeout: float = 30.0, shutdown_timeout: float = 5, on_shutdown_timeout=None
+) -> Iterator[str]:
     """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL."""
-    server = make_server(app, "127.0.0.1", 0, shutdown_timeout=shutdown_timeout,
-                         on_shutdown_timeout=on_shutdown_timeout, log_level="warning")
+    server = make_server(
+        app,
+        "127.0.0.1",
+        0,
+        shutdown_timeout=shutdown_timeout,
+        on_shutdown_timeout=on_shutdown_timeout,
+        log_level="warning",
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -51,8 +51,14 @@ CASES = [
     ("token id beyond the vocabulary", C, completion(prompt=[10**6]), AUTH, 400, "prompt"),
     ("one bad prompt in a batch", C, completion(prompt=[[1, 2], [10**6]]), AUTH, 400, "prompt"),
     ("prompt over the context", C, completion(prompt="x" * (MAX_MODEL_LEN + 5)), AUTH, 400, "prompt"),
-    ("prompt plus max_tokens over the context", C, completion(prompt="x" * 1000, max_tokens=100), AUTH, 400,
-     "prompt"),
+    (
+        "prompt plus max_tokens over the context",
+        C,
+        completion(prompt="x" * 1000, max_tokens=100),
+        AUTH,
+        400,
+        "prompt",
+    ),
     ("empty stop string", C, completion(stop=[""]), AUTH, 400, "stop.0"),
     ("integer stop", C, completion(stop=17), AUTH, 400, "stop"),
     ("too many stop strings", C, completion(stop=[f"s{i}" for i in range(100)]), AUTH, 400, "stop"),
@@ -79,17 +85,42 @@ CASES = [
     ("missing messages", H, {"model": MODEL_NAME}, AUTH, 400, "messages"),
     ("unknown role", H, chat(messages=[{"role": "wizard", "content": "hi"}]), AUTH, 400, "messages.0.role"),
     ("integer content", H, chat(messages=[{"role": "user", "content": 5}]), AUTH, 400, "messages.0.content"),
-    ("image content", H, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-     AUTH, 400, "messages.0.content.0.type"),
+    (
+        "image content",
+        H,
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        AUTH,
+        400,
+        "messages.0.content.0.type",
+    ),
     ("top_logprobs without logprobs", H, chat(top_logprobs=2), AUTH, 400, None),
     ("too many top_logprobs", H, chat(logprobs=True, top_logprobs=50), AUTH, 400, "top_logprobs"),
     ("zero max_completion_tokens", H, chat(max_completion_tokens=0), AUTH, 400, "max_completion_tokens"),
-    ("chat over the context", H, chat(messages=[{"role": "user", "content": "y" * 2000}]), AUTH, 400,
-     "messages"),
+    (
+        "chat over the context",
+        H,
+        chat(messages=[{"role": "user", "content": "y" * 2000}]),
+        AUTH,
+        400,
+        "messages",
+    ),
     ("tools", H, chat(tools=[{"type": "function", "function": {"name": "f"}}]), AUTH, 400, None),
-    ("json response_format", H, chat(response_format={"type": "json_object"}), AUTH, 400, "response_format.type"),
-    ("template kwargs overriding messages", H, chat(chat_template_kwargs={"messages": []}), AUTH, 400,
-     "chat_template_kwargs"),
+    (
+        "json response_format",
+        H,
+        chat(response_format={"type": "json_object"}),
+        AUTH,
+        400,
+        "response_format.type",
+    ),
+    (
+        "template kwargs overriding messages",
+        H,
+        chat(chat_template_kwargs={"messages": []}),
+        AUTH,
+        400,
+        "chat_template_kwargs",
+    ),
     ("unknown chat model", H, chat(model="nope"), AUTH, 404, "model"),
     ("missing key", C, completion(), {}, 401, None),
     ("wrong key", C, completion(), {"Authorization": "Bearer nope"}, 401, None),
@@ -119,8 +150,9 @@ def test_the_suite_is_large_enough():
     assert len(CASES) >= 30
 
 
-@pytest.mark.parametrize(("path", "body", "headers", "status", "param"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_bad_request_gets_status_and_openai_error_shape(client, path, body, headers, status, param):
     r = _send(client, path, body, headers)
     assert r.status_code == status, r.text
@@ -161,7 +193,9 @@ def test_full_queue_gets_429(engine):
 def test_tokenize_and_detokenize_round_trip(client):
     ids = client.post("/tokenize", json={"prompt": "héllo"}, headers=AUTH).json()
     assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == MAX_MODEL_LEN
-    assert client.post("/detokenize", json={"tokens": ids["tokens"]}, headers=AUTH).json() == {"prompt": "héllo"}
+    assert client.post("/detokenize", json={"tokens": ids["tokens"]}, headers=AUTH).json() == {
+        "prompt": "héllo"
+    }
     chat_ids = client.post("/tokenize", json={"messages": CHAT}, headers=AUTH).json()["tokens"]
     text = client.post("/detokenize", json={"tokens": chat_ids}, headers=AUTH).json()["prompt"]
     assert text.endswith("<|im_start|>assistant\n") and "hi" in text

@@ -40,8 +40,14 @@ def wait_for_metric(base_url: str, name: str, value: float, timeout: float = 20,
 
 
 async def stream_completion(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[str, list]:
-    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL_NAME,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     text, events = "", []
     async with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -55,14 +61,21 @@ async def stream_completion(client: httpx.AsyncClient, prompt: str, max_tokens: 
 def test_64_concurrent_streams_all_complete_with_the_greedy_text(model_dir):
     engine = new_engine(model_dir)
     prompts = [f"Client {i} says" for i in range(NUM_CLIENTS)]
-    expected = [out.text for out in generate_offline(engine, [engine.tokenizer.encode(p) for p in prompts],
-                                                      SamplingParams(temperature=0, max_tokens=MAX_TOKENS))]
+    expected = [
+        out.text
+        for out in generate_offline(
+            engine,
+            [engine.tokenizer.encode(p) for p in prompts],
+            SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+        )
+    ]
 
     async def main(base_url: str) -> list[tuple[str, list]]:
         limits = httpx.Limits(max_connections=NUM_CLIENTS)
         async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=120) as client:
             return await asyncio.wait_for(
-                asyncio.gather(*(stream_completion(client, p, MAX_TOKENS) for p in prompts)), 120)
+                asyncio.gather(*(stream_completion(client, p, MAX_TOKENS) for p in prompts)), 120
+            )
 
     with running_server(build_app(engine, served_model_names=MODEL_NAME)) as url:
         results = asyncio.run(main(url))
@@ -142,7 +155,9 @@ def test_request_timeout_aborts_the_request(slow_engine, stream):
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         if stream:
             assert r.status_code == 200
-            errors = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith('data: {"error"')]
+            errors = [
+                json.loads(line[6:]) for line in r.text.splitlines() if line.startswith('data: {"error"')
+            ]
             assert errors[0]["error"]["code"] == "timeout" and r.text.endswith("data: [DONE]\n\n")
         else:
             assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"

@@ -55,8 +55,14 @@ def test_chat_uses_the_chat_template(client, reference):
 
 
 def test_streamed_chat_deltas_concatenate_to_the_non_streamed_greedy_text(client, reference):
-    stream = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=24, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=CHAT,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -68,21 +74,25 @@ def test_streamed_chat_deltas_concatenate_to_the_non_streamed_greedy_text(client
 
 
 def test_streamed_completion_matches_non_streamed(client, reference):
-    stream = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=24,
-                                       temperature=0, stream=True)
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream) == reference["completion"]
 
 
 def test_n_returns_n_choices_with_their_own_samples(client):
-    out = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=16, temperature=1.0, n=2,
-                                    seed=7)
+    out = client.completions.create(
+        model=MODEL_NAME, prompt="Hello", max_tokens=16, temperature=1.0, n=2, seed=7
+    )
     assert sorted(c.index for c in out.choices) == [0, 1]
     assert out.usage.completion_tokens == 32
-    again = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=16, temperature=1.0, n=2,
-                                      seed=7)
+    again = client.completions.create(
+        model=MODEL_NAME, prompt="Hello", max_tokens=16, temperature=1.0, n=2, seed=7
+    )
     assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded: reproducible
-    chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=8, n=2,
-                                          stream=True, temperature=1.0)
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, max_tokens=8, n=2, stream=True, temperature=1.0
+    )
     texts = {0: "", 1: ""}
     for chunk in chat:
         for choice in chunk.choices:
@@ -92,15 +102,17 @@ def test_n_returns_n_choices_with_their_own_samples(client):
 
 def test_stop_string_cuts_the_text_where_it_begins(client, reference):
     text = reference["completion"]
-    start = next(i for i in range(4, len(text) - 2) if text[i:i + 2].strip() == text[i:i + 2])
-    stop = text[start:start + 2]
-    expected = text[:text.index(stop)]
-    out = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0,
-                                    stop=[stop, "\x00never"])
+    start = next(i for i in range(4, len(text) - 2) if text[i : i + 2].strip() == text[i : i + 2])
+    stop = text[start : start + 2]
+    expected = text[: text.index(stop)]
+    out = client.completions.create(
+        model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0, stop=[stop, "\x00never"]
+    )
     assert out.choices[0].text == expected
     assert out.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=24,
-                                         temperature=0, stop=stop, stream=True)
+    streamed = client.completions.create(
+        model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == expected
 
 
@@ -112,8 +124,9 @@ def test_logprobs_of_completion_and_chat(client):
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert logprob <= 0 and len(top) >= 3
         assert top[token] == logprob == max(top.values())  # greedy: the sampled token is the likeliest
-    chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=5, temperature=0,
-                                          logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 5
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)
@@ -122,9 +135,17 @@ def test_logprobs_of_completion_and_chat(client):
 
 def test_extra_sampling_fields_and_token_prompts(client, engine):
     ids = engine.tokenizer.encode("Once upon a time")
-    out = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=8, temperature=0.7, top_p=0.9,
-                                    presence_penalty=0.5, frequency_penalty=0.5, seed=1,
-                                    extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1})
+    out = client.completions.create(
+        model=MODEL_NAME,
+        prompt=ids,
+        max_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        seed=1,
+        extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1},
+    )
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 8
     batch = client.completions.create(model=MODEL_NAME, prompt=["a", "b"], max_tokens=3, n=2, temperature=0)
     assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
@@ -143,7 +164,11 @@ def test_models_and_auth(client, base_url):
 
 def test_oversized_body_over_a_socket_gets_413(base_url):
     body = b'{"prompt": "' + b"x" * (10 * 1024 * 1024) + b'"}'
-    r = httpx.post(f"{base_url}/v1/completions", content=body, timeout=60,
-                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{base_url}/v1/completions",
+        content=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert httpx.get(f"{base_url}/health").status_code == 200

@@ -23,8 +23,22 @@ START_TIMEOUT = 120
 
 def start_server(model_dir: str, *flags: str) -> tuple[subprocess.Popen, str, queue.Queue]:
     """`python -m effllm.cli.serve` on a free port; returns the process, its URL and its log lines."""
-    cmd = [sys.executable, "-m", "effllm.cli.serve", "--model", model_dir, "--port", "0", "--device", "cpu",
-           "--num-kv-blocks", "256", "--max-model-len", "1024", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "effllm.cli.serve",
+        "--model",
+        model_dir,
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--num-kv-blocks",
+        "256",
+        "--max-model-len",
+        "1024",
+        *flags,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
@@ -54,6 +68,7 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(model_dir):
     proc, url, lines = start_server(model_dir, "--shutdown-timeout", "20")
     streaming, events = threading.Event(), []
     try:
+
         def stream() -> None:
             body = {"prompt": "go", "max_tokens": 200, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
@@ -82,6 +97,7 @@ def test_shutdown_aborts_streams_still_running_after_the_timeout(slow_engine):
     app = build_app(slow_engine, served_model_names=MODEL_NAME)
     events, streaming = [], threading.Event()
     with running_server(app, shutdown_timeout=0.3, on_shutdown_timeout=app.state.engine.abort_all) as url:
+
         def stream() -> None:
             body = {"prompt": "long", "max_tokens": 1000, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
@@ -111,9 +127,26 @@ def test_sigint_on_an_idle_server_exits_0(model_dir):
 
 
 def test_serve_flags_include_the_engine_options():
-    args = build_parser().parse_args(["--model", "m", "--max-num-seqs", "4", "--no-enable-prefix-caching",
-                                      "--kv-cache-memory", "1GiB", "--api-key", "k", "--max-queue", "3"])
-    assert engine_options(args) == {"max_num_seqs": 4, "enable_prefix_caching": False, "kv_cache_memory": "1GiB"}
+    args = build_parser().parse_args(
+        [
+            "--model",
+            "m",
+            "--max-num-seqs",
+            "4",
+            "--no-enable-prefix-caching",
+            "--kv-cache-memory",
+            "1GiB",
+            "--api-key",
+            "k",
+            "--max-queue",
+            "3",
+        ]
+    )
+    assert engine_options(args) == {
+        "max_num_seqs": 4,
+        "enable_prefix_caching": False,
+        "kv_cache_memory": "1GiB",
+    }
     assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, "k", 3)
 
 

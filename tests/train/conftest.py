@@ -8,8 +8,16 @@ import pytest
 from effllm.models.tokenizer_training import build_byte_level_tokenizer
 from effllm.train import TrainConfig
 
-TINY_MODEL = dict(model_type="llama", vocab_size=272, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY_MODEL = dict(
+    model_type="llama",
+    vocab_size=272,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 CORPUS = "".join(f"line {i % 7}: the quick brown fox jumps over the lazy dog.\n" for i in range(60))
 
 
@@ -27,9 +35,19 @@ def make_config(assets, tmp_path):
     """A TrainConfig for the tiny model on the corpus, writing to tmp_path/NAME; options override."""
 
     def make(name: str = "run", **options) -> TrainConfig:
-        values = dict(model_config=str(assets / "config.json"), tokenizer=str(assets / "tok"),
-                      data=[str(assets / "corpus.txt")], out=str(tmp_path / name), steps=6, seq_len=32,
-                      batch_size=4, lr=3e-3, eval_fraction=0.1, tensorboard=False, log_every=1000)
+        values = dict(
+            model_config=str(assets / "config.json"),
+            tokenizer=str(assets / "tok"),
+            data=[str(assets / "corpus.txt")],
+            out=str(tmp_path / name),
+            steps=6,
+            seq_len=32,
+            batch_size=4,
+            lr=3e-3,
+            eval_fraction=0.1,
+            tensorboard=False,
+            log_every=1000,
+        )
         values.update(options)
         return TrainConfig(**values)
 

@@ -9,9 +9,15 @@ from effllm.train.encoding import RecordEncoder
 from effllm.train.packing import IGNORE_INDEX, PackedSequences, ShuffledOrder, split_indices
 
 CHATS = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
-                  {"role": "assistant", "content": "Hi there"}, {"role": "user", "content": "Again"},
-                  {"role": "assistant", "content": "Hello"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hi"},
+            {"role": "assistant", "content": "Hi there"},
+            {"role": "user", "content": "Again"},
+            {"role": "assistant", "content": "Hello"},
+        ]
+    },
     {"messages": [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}]},
 ]
 
@@ -23,13 +29,22 @@ def tokenizer(assets):
 
 def stream_of(paths, assets, cache_dir, **kw):
     tok = load_tokenizer(assets / "tok")
-    return load_stream([str(p) for p in paths], RecordEncoder(tok), assets / "tok", cache_dir, tok.vocab_size,
-                       log=lambda _: None, **kw)
+    return load_stream(
+        [str(p) for p in paths],
+        RecordEncoder(tok),
+        assets / "tok",
+        cache_dir,
+        tok.vocab_size,
+        log=lambda _: None,
+        **kw,
+    )
 
 
 def test_packed_sequences_are_inputs_with_next_token_labels(assets, tmp_path, tokenizer):
     stream = stream_of([assets / "corpus.txt"], assets, tmp_path)
-    ids = tokenizer.encode((assets / "corpus.txt").read_text(), add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = tokenizer.encode((assets / "corpus.txt").read_text(), add_special_tokens=False) + [
+        tokenizer.eos_token_id
+    ]
     assert len(stream) == len(ids)
     packed = PackedSequences(stream, 32)
     assert len(packed) == (len(ids) - 1) // 32
@@ -43,7 +58,9 @@ def test_chat_loss_mask_covers_exactly_the_assistant_replies(assets, tmp_path, t
     data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
     stream = stream_of([data], assets, tmp_path / "cache")
     ids, mask = stream.read(0, len(stream))
-    assert tokenizer.decode(ids.tolist()) == "".join(tokenizer.apply_chat_template(c["messages"]) for c in CHATS)
+    assert tokenizer.decode(ids.tolist()) == "".join(
+        tokenizer.apply_chat_template(c["messages"]) for c in CHATS
+    )
     # Contiguous runs of target tokens are the assistant messages with their end-of-turn, nothing else.
     runs, current = [], []
     for token, target in zip(ids.tolist(), mask.tolist(), strict=True):
@@ -57,7 +74,7 @@ def test_chat_loss_mask_covers_exactly_the_assistant_replies(assets, tmp_path, t
     packed = PackedSequences(stream, 16)
     labels = packed.batch(range(len(packed)))["labels"].flatten().numpy()
     n = len(labels)  # the label of input i is token i + 1, ignored unless the mask marks it
-    assert labels.tolist() == np.where(mask[1: n + 1], ids[1: n + 1], IGNORE_INDEX).tolist()
+    assert labels.tolist() == np.where(mask[1 : n + 1], ids[1 : n + 1], IGNORE_INDEX).tolist()
     assert 0 < (labels != IGNORE_INDEX).sum() < n
 
 
@@ -79,7 +96,9 @@ def test_folder_of_text_and_jsonl_reads_as_one_stream(assets, tmp_path, tokenize
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "a.txt").write_text("first file")
-    (folder / "b.jsonl").write_text(json.dumps({"body": "second"}) + "\n" + json.dumps({"body": "third"}) + "\n")
+    (folder / "b.jsonl").write_text(
+        json.dumps({"body": "second"}) + "\n" + json.dumps({"body": "third"}) + "\n"
+    )
     (folder / "ignored.bin").write_bytes(b"\0\1")
     stream = stream_of([folder], assets, tmp_path / "cache", text_field="body")
     ids, mask = stream.read(0, len(stream))

@@ -15,12 +15,40 @@ pytestmark = pytest.mark.slow
 
 
 def torchrun(config, *extra: str) -> None:
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "effllm.train", "--model-config", config.model_config, "--tokenizer", config.tokenizer,
-            "--data", *config.data, "--out", config.out, "--steps", str(config.steps), "--seq-len",
-            str(config.seq_len), "--batch-size", str(config.batch_size), "--lr", str(config.lr),
-            "--schedule", config.schedule, "--eval-fraction", str(config.eval_fraction), "--no-tensorboard",
-            "--device", "cpu", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "effllm.train",
+        "--model-config",
+        config.model_config,
+        "--tokenizer",
+        config.tokenizer,
+        "--data",
+        *config.data,
+        "--out",
+        config.out,
+        "--steps",
+        str(config.steps),
+        "--seq-len",
+        str(config.seq_len),
+        "--batch-size",
+        str(config.batch_size),
+        "--lr",
+        str(config.lr),
+        "--schedule",
+        config.schedule,
+        "--eval-fraction",
+        str(config.eval_fraction),
+        "--no-tensorboard",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -48,9 +76,11 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(make_config, sin
 def test_fsdp_saves_sharded_checkpoints_and_resumes_them(make_config, single):
     fsdp = make_config("fsdp", steps=4, batch_size=2, schedule="constant")
     torchrun(fsdp, "--parallel", "fsdp", "--save-every", "2")
-    (_, newest), = list_checkpoints(fsdp.out)[-1:]
+    ((_, newest),) = list_checkpoints(fsdp.out)[-1:]
     assert sorted(p.name for p in (newest / "sharded").iterdir() if p.suffix == ".distcp") == [
-        "__0_0.distcp", "__1_0.distcp"]
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     load_model(newest, device="cpu")  # the full model is there too, in the Hugging Face layout
 
     fsdp.steps = 6

@@ -11,9 +11,24 @@ from effllm.cli.train import add_train_arguments, config_from_args, main
 @pytest.fixture
 def argv(assets, tmp_path):
     def make(*extra: str, data: str | None = None) -> list[str]:
-        return ["--model-config", str(assets / "config.json"), "--tokenizer", str(assets / "tok"),
-                "--data", data or str(assets / "corpus.txt"), "--out", str(tmp_path / "run"), "--steps", "2",
-                "--seq-len", "32", "--batch-size", "2", "--no-tensorboard", *extra]
+        return [
+            "--model-config",
+            str(assets / "config.json"),
+            "--tokenizer",
+            str(assets / "tok"),
+            "--data",
+            data or str(assets / "corpus.txt"),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--no-tensorboard",
+            *extra,
+        ]
 
     return make
 
@@ -75,8 +90,14 @@ def test_out_holding_another_run_without_resume(argv, capsys, tmp_path):
 
 
 def test_new_model_without_tokenizer(assets, capsys, tmp_path):
-    args = ["--model-config", str(assets / "config.json"), "--data", str(assets / "corpus.txt"),
-            "--out", str(tmp_path / "run")]
+    args = [
+        "--model-config",
+        str(assets / "config.json"),
+        "--data",
+        str(assets / "corpus.txt"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     fails(args, capsys, tmp_path, "--model-config needs --tokenizer")
 
 
@@ -86,11 +107,14 @@ def test_unknown_option_in_the_yaml_file(argv, capsys, tmp_path):
 
 
 def test_yaml_options_take_the_flag_names_and_flags_win(argv, tmp_path):
-    (tmp_path / "run.yaml").write_text("seq-len: 16\nwarmup_steps: 3\nlr: 3e-4\noptimizer-options: {betas: [0.8, 0.9]}\n")
+    (tmp_path / "run.yaml").write_text(
+        "seq-len: 16\nwarmup_steps: 3\nlr: 3e-4\noptimizer-options: {betas: [0.8, 0.9]}\n"
+    )
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     add_train_arguments(parser)
-    args = parser.parse_args(argv("--config", str(tmp_path / "run.yaml"), "--seq-len", "24",
-                                  "--optimizer-options", "eps=1e-7"))
+    args = parser.parse_args(
+        argv("--config", str(tmp_path / "run.yaml"), "--seq-len", "24", "--optimizer-options", "eps=1e-7")
+    )
     config = config_from_args(args)
     assert (config.seq_len, config.warmup_steps, config.lr) == (24, 3, 3e-4)
     assert config.optimizer_options == {"betas": [0.8, 0.9], "eps": 1e-7}

@@ -5,8 +5,14 @@ from effllm.train.metrics import _cpu_peak_tflops, flops_per_token
 
 
 def test_flops_per_token_is_six_n_plus_attention():
-    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, tie_word_embeddings=False)
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        tie_word_embeddings=False,
+    )
     n = sum(p.numel() for p in CausalLM(config).parameters()) - 64 * 32
     assert flops_per_token(config, seq_len=10) == 6 * n + 12 * 2 * 4 * 8 * 10
 

@@ -17,11 +17,36 @@ STEPS = 8
 
 def run_until_killed(config, kill_line: str, inside: Path) -> None:
     """Run training in a subprocess; SIGKILL it once it has printed `kill_line` and written `inside`."""
-    args = [sys.executable, "-m", "effllm.train", "--model-config", config.model_config, "--tokenizer",
-            config.tokenizer, "--data", *config.data, "--out", config.out, "--steps", str(config.steps),
-            "--seq-len", str(config.seq_len), "--batch-size", str(config.batch_size), "--lr", str(config.lr),
-            "--eval-fraction", str(config.eval_fraction), "--save-every", str(config.save_every),
-            "--keep-last", str(config.keep_last), "--no-tensorboard", "--log-every", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "effllm.train",
+        "--model-config",
+        config.model_config,
+        "--tokenizer",
+        config.tokenizer,
+        "--data",
+        *config.data,
+        "--out",
+        config.out,
+        "--steps",
+        str(config.steps),
+        "--seq-len",
+        str(config.seq_len),
+        "--batch-size",
+        str(config.batch_size),
+        "--lr",
+        str(config.lr),
+        "--eval-fraction",
+        str(config.eval_fraction),
+        "--save-every",
+        str(config.save_every),
+        "--keep-last",
+        str(config.keep_last),
+        "--no-tensorboard",
+        "--log-every",
+        "1",
+    ]
     env = {**os.environ, PAUSE_ENV: "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -47,7 +72,9 @@ def test_resume_after_sigkill_mid_save_matches_an_uninterrupted_run(make_config)
     killed = make_config("killed", steps=STEPS, save_every=2, keep_last=1)
     out = Path(killed.out)
     # Killed while the save pauses between the weights and the optimizer state.
-    run_until_killed(killed, "checkpoint: saving step 4", out / "checkpoints" / ".tmp-step-00000004" / "config.json")
+    run_until_killed(
+        killed, "checkpoint: saving step 4", out / "checkpoints" / ".tmp-step-00000004" / "config.json"
+    )
     assert [step for step, _ in list_checkpoints(out)] == [2]  # the half-written step 4 does not count
     assert any(p.name.startswith(".tmp-step-00000004") for p in (out / "checkpoints").iterdir())
 
@@ -73,11 +100,14 @@ def test_resume_can_extend_a_finished_run(make_config):
     assert [row["loss"] for row in rows] == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize(("optimizer", "options"), [
-    ("galore_adamw", {"rank": 8, "update_proj_gap": 3}),
-    ("zo_sgd", {}),
-    ("forward_grad_sgd", {}),
-])
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        ("galore_adamw", {"rank": 8, "update_proj_gap": 3}),
+        ("zo_sgd", {}),
+        ("forward_grad_sgd", {}),
+    ],
+)
 def test_resume_is_exact_with_optimizers_from_effllm_optim(make_config, optimizer, options):
     common = dict(optimizer=optimizer, optimizer_options=options, lr=1e-3, schedule="constant")
     straight = make_config("straight", steps=5, **common)

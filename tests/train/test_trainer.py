@@ -74,8 +74,10 @@ def test_lisa_trains_only_the_sampled_blocks(make_config):
             layers = trainer.model.model.layers
             seen.append([all(p.requires_grad for p in layer.parameters()) for layer in layers])
 
-    trainer = Trainer(make_config(steps=4, method="lisa", method_options={"num_active_layers": 1,
-                                                                          "interval_steps": 2}), callbacks=[Spy()])
+    trainer = Trainer(
+        make_config(steps=4, method="lisa", method_options={"num_active_layers": 1, "interval_steps": 2}),
+        callbacks=[Spy()],
+    )
     trainer.train()
     assert all(sum(active) == 1 for active in seen)
     assert seen[0] == seen[1] and seen[2] == seen[3]
@@ -89,8 +91,12 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_supervised_fine_tuning_takes_the_loss_on_assistant_tokens_only(make_config, tmp_path):
-    chat = {"messages": [{"role": "user", "content": "What colour is the sky?"},
-                         {"role": "assistant", "content": "Blue."}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "What colour is the sky?"},
+            {"role": "assistant", "content": "Blue."},
+        ]
+    }
     data = tmp_path / "chats.jsonl"
     data.write_text((json.dumps(chat) + "\n") * 40)
     trainer = Trainer(make_config(data=[str(data)], steps=2, eval_fraction=0))
@@ -98,7 +104,9 @@ def test_supervised_fine_tuning_takes_the_loss_on_assistant_tokens_only(make_con
     batch = trainer._micro_batches()[0]
     labels = batch["labels"]
     targets = labels[labels != IGNORE_INDEX]
-    assert set(targets.tolist()) <= set(trainer.tokenizer.encode("Blue.<|im_end|>\n", add_special_tokens=False))
+    assert set(targets.tolist()) <= set(
+        trainer.tokenizer.encode("Blue.<|im_end|>\n", add_special_tokens=False)
+    )
     with torch.no_grad():
         logits = trainer.model(batch["input_ids"])  # [B, T, V]
     masked = float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX))

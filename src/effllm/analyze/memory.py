@@ -168,7 +168,9 @@ def optimizer_state_bytes(
         return sum(_buffer_bytes(math.prod(s), state_bits) for s in parameter_shapes(config).values())
     if optimizer in _ADAM_MOMENTS:
         step = 4 if optimizer == "adamw" and state_bits != 8 else 0  # torch.optim.AdamW's float32 `step`
-        return sum(2 * _buffer_bytes(math.prod(s), state_bits) + step for s in parameter_shapes(config).values())
+        return sum(
+            2 * _buffer_bytes(math.prod(s), state_bits) + step for s in parameter_shapes(config).values()
+        )
     if rank < 1:
         raise ConfigError(f"GaLore rank must be positive, got {rank}")
     moments = _buffer_bytes

@@ -22,6 +22,7 @@ from effllm.models import load_model
 
 NO_PREFIX_CACHING = {"enable_prefix_caching": False}
 
+
 def _effllm_run(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
     stamps = []
@@ -45,8 +46,15 @@ def _hf_run(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
 
     ids = torch.tensor([prompt])
     start = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, stopping_criteria=StoppingCriteriaList([Stamp()]), pad_token_id=0)
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        stopping_criteria=StoppingCriteriaList([Stamp()]),
+        pad_token_id=0,
+    )
     return stamps[0] - start, stamps[-1] - stamps[0]
 
 
@@ -72,9 +80,11 @@ def _roofline_fractions(result: dict, config, hardware: Hardware, bits: int) -> 
         if name in result:
             r = result[name]
             r["prefill_fraction_of_roofline"] = roofline_fraction(
-                config, hardware, "prefill", 1, p, r["prefill_tokens_per_s"], bits, bits)
+                config, hardware, "prefill", 1, p, r["prefill_tokens_per_s"], bits, bits
+            )
             r["decode_fraction_of_roofline"] = roofline_fraction(
-                config, hardware, "decode", 1, p + n // 2, r["decode_tokens_per_s"], bits, bits)
+                config, hardware, "decode", 1, p + n // 2, r["decode_tokens_per_s"], bits, bits
+            )
 
 
 def run_generate_bench(
@@ -97,24 +107,33 @@ def run_generate_bench(
         model = load_model(model_path, dtype=dtype, device=engine_options.get("device") or "cpu")
         config = model.config
         vocab = config.vocab_size
-        prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+        prompt = torch.randint(
+            0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(1)
+        ).tolist()
         result = {
             "model": label,
-            "dtype": dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": 1,
+            "dtype": dtype,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "batch": 1,
             "threads": torch.get_num_threads(),
-            "effllm": _measure(_effllm_run, LLMEngine(model, config=EngineConfig(**options)), prompt, new_tokens, reps),
+            "effllm": _measure(
+                _effllm_run, LLMEngine(model, config=EngineConfig(**options)), prompt, new_tokens, reps
+            ),
         }
         del model
         if peers:
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
-                                                      attn_implementation="sdpa").eval()
+            hf = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+            ).eval()
             with torch.inference_mode():
                 result["transformers"] = _measure(_hf_run, hf, prompt, new_tokens, reps)
             for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
                 result[f"{key.split('_')[0]}_speedup_vs_transformers"] = round(
-                    result["effllm"][key] / result["transformers"][key], 3)
+                    result["effllm"][key] / result["transformers"][key], 3
+                )
     _roofline_fractions(result, config, hw, torch.finfo(getattr(torch, dtype)).bits)
     result["hardware"] = hw.to_dict()
     return result
@@ -126,23 +145,39 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true", help="skip transformers")
-    parser.add_argument("--hardware", default=None,
-                        help="roofline hardware (name or .json; default: measure this machine in the same run)")
+    parser.add_argument(
+        "--hardware",
+        default=None,
+        help="roofline hardware (name or .json; default: measure this machine in the same run)",
+    )
     add_engine_args(parser, defaults=NO_PREFIX_CACHING)
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_generate_bench(args.model, args.shape, args.dtype, args.prompt_tokens, args.new_tokens, args.reps,
-                                not args.no_peers, args.hardware, **engine_args(args))
+    result = run_generate_bench(
+        args.model,
+        args.shape,
+        args.dtype,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.reps,
+        not args.no_peers,
+        args.hardware,
+        **engine_args(args),
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['model']} {args.dtype}, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens")
+    print(
+        f"{result['model']} {args.dtype}, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens"
+    )
     for name in ("effllm", "transformers"):
         if name in result:
             r = result[name]
-            print(f"  {name:13s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s "
-                  f"({r['prefill_fraction_of_roofline']:.0%} of roofline)   decode {r['decode_tokens_per_s']:6.1f} tok/s "
-                  f"({r['decode_fraction_of_roofline']:.0%} of roofline)")
+            print(
+                f"  {name:13s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s "
+                f"({r['prefill_fraction_of_roofline']:.0%} of roofline)   decode {r['decode_tokens_per_s']:6.1f} tok/s "
+                f"({r['decode_fraction_of_roofline']:.0%} of roofline)"
+            )
     return 0

@@ -29,8 +29,13 @@ def _summary(values: list[float]) -> dict:
     def pick(q: float) -> float:
         return values[min(len(values) - 1, int(q * len(values)))]
 
-    return {"mean": round(statistics.fmean(values), 5), "p50": round(pick(0.5), 5), "p90": round(pick(0.9), 5),
-            "p99": round(pick(0.99), 5), "max": round(values[-1], 5)}
+    return {
+        "mean": round(statistics.fmean(values), 5),
+        "p50": round(pick(0.5), 5),
+        "p90": round(pick(0.9), 5),
+        "p99": round(pick(0.99), 5),
+        "max": round(values[-1], 5),
+    }
 
 
 def _drive(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, arrival_every: int) -> dict:
@@ -81,8 +86,15 @@ def _hf_batch1(hf_model, prompt: list[int], output_tokens: int, reps: int) -> di
 
         ids = torch.tensor([p], device=hf_model.device)
         start = time.perf_counter()
-        hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, stopping_criteria=StoppingCriteriaList([Stamp()]), pad_token_id=0)
+        hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([Stamp()]),
+            pad_token_id=0,
+        )
         return start, stamps
 
     with torch.inference_mode():
@@ -112,15 +124,25 @@ def run_latency(
         vocab = model.config.vocab_size
         prompt = random_prompts(1, prompt_tokens, prompt_tokens, vocab, seed)[0]
         result = {
-            "model": label, "dtype": dtype,
-            "threads": torch.get_num_threads(), "device": str(model.device),
-            "batch1": {"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "reps": reps,
-                       "effllm": _effllm_batch1(model, prompt, output_tokens, reps, options)},
+            "model": label,
+            "dtype": dtype,
+            "threads": torch.get_num_threads(),
+            "device": str(model.device),
+            "batch1": {
+                "prompt_tokens": prompt_tokens,
+                "output_tokens": output_tokens,
+                "reps": reps,
+                "effllm": _effllm_batch1(model, prompt, output_tokens, reps, options),
+            },
         }
         arrivals = random_prompts(num_requests, prompt_tokens, prompt_tokens, vocab, seed + 1)
         params = SamplingParams(temperature=0, max_tokens=concurrent_output_tokens, ignore_eos=True)
-        under_load = {"num_requests": num_requests, "prompt_tokens": prompt_tokens, "arrival_every_steps": arrival_every,
-                      "output_tokens": concurrent_output_tokens}
+        under_load = {
+            "num_requests": num_requests,
+            "prompt_tokens": prompt_tokens,
+            "arrival_every_steps": arrival_every,
+            "output_tokens": concurrent_output_tokens,
+        }
         for chunked in (True, False):
             opts = {**options, "enable_chunked_prefill": chunked, "enable_prefix_caching": False}
             if chunked:
@@ -135,14 +157,21 @@ def run_latency(
         if peers:
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
-                                                      attn_implementation="sdpa").to(result["device"]).eval()
+            hf = (
+                AutoModelForCausalLM.from_pretrained(
+                    model_path, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+                )
+                .to(result["device"])
+                .eval()
+            )
             b1 = result["batch1"]
             b1["transformers"] = _hf_batch1(hf, prompt, output_tokens, reps)
             b1["decode_speedup_vs_transformers"] = round(
-                b1["transformers"]["tpot_s"]["p50"] / b1["effllm"]["tpot_s"]["p50"], 3)
+                b1["transformers"]["tpot_s"]["p50"] / b1["effllm"]["tpot_s"]["p50"], 3
+            )
             b1["ttft_speedup_vs_transformers"] = round(
-                b1["transformers"]["ttft_s"]["p50"] / b1["effllm"]["ttft_s"]["p50"], 3)
+                b1["transformers"]["ttft_s"]["p50"] / b1["effllm"]["ttft_s"]["p50"], 3
+            )
     return result
 
 
@@ -161,24 +190,43 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_latency(args.model, args.shape, args.dtype, args.prompt_tokens, args.output_tokens, args.reps,
-                         args.num_requests, args.arrival_every, args.concurrent_output_tokens, args.chunk_budget,
-                         not args.no_peers, **engine_args(args))
+    result = run_latency(
+        args.model,
+        args.shape,
+        args.dtype,
+        args.prompt_tokens,
+        args.output_tokens,
+        args.reps,
+        args.num_requests,
+        args.arrival_every,
+        args.concurrent_output_tokens,
+        args.chunk_budget,
+        not args.no_peers,
+        **engine_args(args),
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     b1 = result["batch1"]
-    print(f"{result['model']} {args.dtype}: batch 1, {args.prompt_tokens}-token prompt, {args.output_tokens} tokens")
+    print(
+        f"{result['model']} {args.dtype}: batch 1, {args.prompt_tokens}-token prompt, {args.output_tokens} tokens"
+    )
     for name in ("effllm", "transformers"):
         if name in b1:
             r = b1[name]
-            print(f"  {name:13s} TTFT {r['ttft_s']['p50'] * 1e3:8.1f} ms   TPOT {r['tpot_s']['p50'] * 1e3:7.1f} ms")
+            print(
+                f"  {name:13s} TTFT {r['ttft_s']['p50'] * 1e3:8.1f} ms   TPOT {r['tpot_s']['p50'] * 1e3:7.1f} ms"
+            )
     load = result["under_load"]
-    print(f"under load: {args.num_requests} requests of {args.prompt_tokens} tokens, one every {args.arrival_every} steps")
+    print(
+        f"under load: {args.num_requests} requests of {args.prompt_tokens} tokens, one every {args.arrival_every} steps"
+    )
     for key in ("chunked_prefill", "no_chunked_prefill"):
         r = load[key]
-        print(f"  {key:19s} TTFT mean {r['ttft_s']['mean'] * 1e3:8.1f} ms   TPOT mean {r['tpot_s']['mean'] * 1e3:7.1f} ms"
-              f"   ITL p99 {r['itl_s']['p99'] * 1e3:7.1f} ms  max {r['itl_s']['max'] * 1e3:7.1f} ms")
+        print(
+            f"  {key:19s} TTFT mean {r['ttft_s']['mean'] * 1e3:8.1f} ms   TPOT mean {r['tpot_s']['mean'] * 1e3:7.1f} ms"
+            f"   ITL p99 {r['itl_s']['p99'] * 1e3:7.1f} ms  max {r['itl_s']['max'] * 1e3:7.1f} ms"
+        )
     return 0
 
 

@@ -33,7 +33,9 @@ print(json.dumps({'rss_before': before, 'rss_peak': hwm()}))
 """
 
 
-def run_load_memory(shape: str = "smollm-135m", save_dtype: str = "float32", load_dtype: str = "auto") -> dict:
+def run_load_memory(
+    shape: str = "smollm-135m", save_dtype: str = "float32", load_dtype: str = "auto"
+) -> dict:
     config = shape_config(shape)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -41,14 +43,23 @@ def run_load_memory(shape: str = "smollm-135m", save_dtype: str = "float32", loa
         save_model(model, Path(tmp) / "ckpt")
         del model
         size = sum(p.stat().st_size for p in (Path(tmp) / "ckpt").glob("*.safetensors"))
-        out = subprocess.run([sys.executable, "-c", _CHILD, str(Path(tmp) / "ckpt"), load_dtype],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(Path(tmp) / "ckpt"), load_dtype],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     child = json.loads(out.stdout.strip().splitlines()[-1])
     added = child["rss_peak"] - child["rss_before"]
     return {
-        "shape": shape, "save_dtype": save_dtype, "load_dtype": load_dtype,
-        "checkpoint_bytes": size, "rss_before_load": child["rss_before"], "rss_peak": child["rss_peak"],
-        "load_added_bytes": added, "added_over_checkpoint": round(added / size, 3),
+        "shape": shape,
+        "save_dtype": save_dtype,
+        "load_dtype": load_dtype,
+        "checkpoint_bytes": size,
+        "rss_before_load": child["rss_before"],
+        "rss_peak": child["rss_peak"],
+        "load_added_bytes": added,
+        "added_over_checkpoint": round(added / size, 3),
     }
 
 
@@ -65,7 +76,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         mib = 1024**2
-        print(f"checkpoint {result['checkpoint_bytes'] / mib:.0f} MiB ({args.shape}, {args.save_dtype}); "
-              f"loading added {result['load_added_bytes'] / mib:.0f} MiB of peak RSS = "
-              f"{result['added_over_checkpoint']:.2f}x the checkpoint")
+        print(
+            f"checkpoint {result['checkpoint_bytes'] / mib:.0f} MiB ({args.shape}, {args.save_dtype}); "
+            f"loading added {result['load_added_bytes'] / mib:.0f} MiB of peak RSS = "
+            f"{result['added_over_checkpoint']:.2f}x the checkpoint"
+        )
     return 0

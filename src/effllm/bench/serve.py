@@ -35,11 +35,65 @@ import numpy as np
 from effllm.core.errors import ConfigError, InputError
 
 _WORDS = (  # words for random prompts
-    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from",
-    "his", "her", "an", "were", "are", "which", "this", "be", "or", "had", "not", "but", "have", "one",
-    "their", "all", "they", "its", "new", "more", "after", "first", "two", "time", "other", "some",
-    "would", "when", "people", "into", "only", "over", "years", "also", "made", "city", "may", "state",
-    "about", "during", "school", "world", "between", "three",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "had",
+    "not",
+    "but",
+    "have",
+    "one",
+    "their",
+    "all",
+    "they",
+    "its",
+    "new",
+    "more",
+    "after",
+    "first",
+    "two",
+    "time",
+    "other",
+    "some",
+    "would",
+    "when",
+    "people",
+    "into",
+    "only",
+    "over",
+    "years",
+    "also",
+    "made",
+    "city",
+    "may",
+    "state",
+    "about",
+    "during",
+    "school",
+    "world",
+    "between",
+    "three",
 )
 START_TIMEOUT = 300.0
 
@@ -95,8 +149,9 @@ async def _send(client: httpx.AsyncClient, body: dict) -> RequestResult:
 # ---------------------------------------------------------------- one rate
 
 
-async def _run_rate(client: httpx.AsyncClient, bodies: list[dict], rate: float, max_concurrency: int | None,
-                    seed: int) -> tuple[list[RequestResult], float]:
+async def _run_rate(
+    client: httpx.AsyncClient, bodies: list[dict], rate: float, max_concurrency: int | None, seed: int
+) -> tuple[list[RequestResult], float]:
     """Send `bodies` with Poisson arrivals at `rate` per second; returns the results and the duration."""
     limit = asyncio.Semaphore(max_concurrency or len(bodies))
     gaps = random.Random(seed)
@@ -148,8 +203,9 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
 # ---------------------------------------------------------------- prompts
 
 
-async def _bodies(client: httpx.AsyncClient, model: str, num: int, input_len: int, output_len: int,
-                  seed: int) -> tuple[list[dict], str]:
+async def _bodies(
+    client: httpx.AsyncClient, model: str, num: int, input_len: int, output_len: int, seed: int
+) -> tuple[list[dict], str]:
     """Request bodies: random windows of `input_len` token ids of random text (the server's /tokenize),
     or, where the server has no /tokenize, `input_len` random words."""
     rng = random.Random(seed)
@@ -160,12 +216,18 @@ async def _bodies(client: httpx.AsyncClient, model: str, num: int, input_len: in
         ids, kind = r.json()["tokens"], "token_ids"
         for _ in range(num):
             start = rng.randrange(len(ids) - input_len)
-            prompts.append(ids[start:start + input_len])
+            prompts.append(ids[start : start + input_len])
     else:
         kind = "words"
         prompts = [" ".join(rng.choice(_WORDS) for _ in range(input_len)) for _ in range(num)]
-    body = {"model": model, "max_tokens": output_len, "ignore_eos": True, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "max_tokens": output_len,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     return [{**body, "prompt": p} for p in prompts], kind
 
 
@@ -173,10 +235,22 @@ async def _bodies(client: httpx.AsyncClient, model: str, num: int, input_len: in
 
 
 @contextmanager
-def launched_server(model: str, server_args: Sequence[str] = (), timeout: float = START_TIMEOUT) -> Iterator[str]:
+def launched_server(
+    model: str, server_args: Sequence[str] = (), timeout: float = START_TIMEOUT
+) -> Iterator[str]:
     """`effllm serve --model MODEL` on a free loopback port in a subprocess; yields its URL, then stops it."""
-    cmd = [sys.executable, "-m", "effllm.cli.serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
-           *server_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "effllm.cli.serve",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *server_args,
+    ]
     # The log is read to its end (a full pipe would stall the server): the port line, and a tail for errors.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tail: collections.deque[str] = collections.deque(maxlen=50)
@@ -228,23 +302,58 @@ def run_serve_bench(
     """Load-test `base_url` (or an `effllm serve --model MODEL` it starts) at each rate; vLLM's metrics."""
     _check(request_rates, max_concurrency, num_prompts, input_len, output_len, timeout)
     if base_url is not None:
-        return asyncio.run(_bench(base_url, request_rates, max_concurrency, num_prompts, input_len, output_len,
-                                  seed, api_key, served_model_name, timeout))
+        return asyncio.run(
+            _bench(
+                base_url,
+                request_rates,
+                max_concurrency,
+                num_prompts,
+                input_len,
+                output_len,
+                seed,
+                api_key,
+                served_model_name,
+                timeout,
+            )
+        )
     with tempfile.TemporaryDirectory() as tmp:
         model = model or _default_model(tmp)
         with launched_server(model, server_args) as url:
-            result = asyncio.run(_bench(url, request_rates, max_concurrency, num_prompts, input_len, output_len,
-                                        seed, api_key, served_model_name, timeout))
+            result = asyncio.run(
+                _bench(
+                    url,
+                    request_rates,
+                    max_concurrency,
+                    num_prompts,
+                    input_len,
+                    output_len,
+                    seed,
+                    api_key,
+                    served_model_name,
+                    timeout,
+                )
+            )
     result["server"] = {"launched": True, "model": model, "server_args": list(server_args)}
     return result
 
 
-async def _bench(base_url: str, rates: Sequence[float], max_concurrency: int | None, num_prompts: int,
-                 input_len: int, output_len: int, seed: int, api_key: str | None, model: str | None,
-                 timeout: float) -> dict:
+async def _bench(
+    base_url: str,
+    rates: Sequence[float],
+    max_concurrency: int | None,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    api_key: str | None,
+    model: str | None,
+    timeout: float,
+) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max_concurrency or num_prompts, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, limits=limits, timeout=timeout
+    ) as client:
         if model is None:
             r = await client.get("/v1/models")
             r.raise_for_status()
@@ -256,12 +365,26 @@ async def _bench(base_url: str, rates: Sequence[float], max_concurrency: int | N
         runs = []
         for i, rate in enumerate(rates):
             results, duration = await asyncio.wait_for(
-                _run_rate(client, bodies, rate, max_concurrency, seed + i), timeout)
-            runs.append({"request_rate": rate if math.isfinite(rate) else "inf",
-                         "max_concurrency": max_concurrency, **summarize(results, duration)})
-    return {"base_url": base_url, "model": model, "num_prompts": num_prompts, "input_len": input_len,
-            "output_len": output_len, "prompt_kind": kind, "seed": seed, "results": runs,
-            "server": {"launched": False}}
+                _run_rate(client, bodies, rate, max_concurrency, seed + i), timeout
+            )
+            runs.append(
+                {
+                    "request_rate": rate if math.isfinite(rate) else "inf",
+                    "max_concurrency": max_concurrency,
+                    **summarize(results, duration),
+                }
+            )
+    return {
+        "base_url": base_url,
+        "model": model,
+        "num_prompts": num_prompts,
+        "input_len": input_len,
+        "output_len": output_len,
+        "prompt_kind": kind,
+        "seed": seed,
+        "results": runs,
+        "server": {"launched": False},
+    }
 
 
 def _default_model(tmp: str) -> str:
@@ -276,8 +399,14 @@ def _default_model(tmp: str) -> str:
         return str(init_model(f"{tmp}/random-small", preset="small"))
 
 
-def _check(rates: Sequence[float], max_concurrency: int | None, num_prompts: int, input_len: int,
-           output_len: int, timeout: float) -> None:
+def _check(
+    rates: Sequence[float],
+    max_concurrency: int | None,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    timeout: float,
+) -> None:
     if not rates or any(not rate > 0 for rate in rates):
         raise InputError(f"request rates must be positive (inf = all at once), got {list(rates)}")
     if max_concurrency is not None and max_concurrency < 1:
@@ -293,42 +422,75 @@ def _check(rates: Sequence[float], max_concurrency: int | None, num_prompts: int
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default=None,
-                        help="server to load, e.g. http://127.0.0.1:8000 (default: start effllm serve on loopback)")
-    parser.add_argument("--model", default=None,
-                        help="checkpoint for the server it starts (default: the embedded default model, else a "
-                             "random init-model small)")
-    parser.add_argument("--served-model-name", default=None, help="'model' to request (default: the first listed)")
+    parser.add_argument(
+        "--base-url",
+        default=None,
+        help="server to load, e.g. http://127.0.0.1:8000 (default: start effllm serve on loopback)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint for the server it starts (default: the embedded default model, else a "
+        "random init-model small)",
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="'model' to request (default: the first listed)"
+    )
     parser.add_argument("--api-key", default=None, help="Bearer key for the server")
-    parser.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
-                        help="requests per second, Poisson arrivals; several run one after another (default inf)")
-    parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: all)")
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=[math.inf],
+        help="requests per second, Poisson arrivals; several run one after another (default inf)",
+    )
+    parser.add_argument(
+        "--max-concurrency", type=int, default=None, help="most requests in flight (default: all)"
+    )
     parser.add_argument("--num-prompts", type=int, default=64, help="requests per rate (default 64)")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     parser.add_argument("--output-len", type=int, default=64, help="new tokens per request (default 64)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--server-args", default="",
-                        help="extra flags for the effllm serve it starts, e.g. '--max-num-seqs 32'")
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="extra flags for the effllm serve it starts, e.g. '--max-num-seqs 32'",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per rate (default 600)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_serve_bench(args.base_url, model=args.model, request_rates=args.request_rate,
-                             max_concurrency=args.max_concurrency, num_prompts=args.num_prompts,
-                             input_len=args.input_len, output_len=args.output_len, seed=args.seed,
-                             api_key=args.api_key, served_model_name=args.served_model_name,
-                             server_args=shlex.split(args.server_args), timeout=args.timeout)
+    result = run_serve_bench(
+        args.base_url,
+        model=args.model,
+        request_rates=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        seed=args.seed,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        server_args=shlex.split(args.server_args),
+        timeout=args.timeout,
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['model']} at {result['base_url']}: {result['num_prompts']} requests of {result['input_len']} "
-          f"prompt + {result['output_len']} output tokens")
+    print(
+        f"{result['model']} at {result['base_url']}: {result['num_prompts']} requests of {result['input_len']} "
+        f"prompt + {result['output_len']} output tokens"
+    )
     for run in result["results"]:
-        print(f"  rate {run['request_rate']} req/s, concurrency {run['max_concurrency'] or 'unbounded'}: "
-              f"{run['completed']} done, {run['failed']} failed in {run['duration_s']:.2f} s; "
-              f"{run['request_throughput']:.2f} req/s, {run['output_throughput']:.1f} output tok/s")
+        print(
+            f"  rate {run['request_rate']} req/s, concurrency {run['max_concurrency'] or 'unbounded'}: "
+            f"{run['completed']} done, {run['failed']} failed in {run['duration_s']:.2f} s; "
+            f"{run['request_throughput']:.2f} req/s, {run['output_throughput']:.1f} output tok/s"
+        )
         for name in ("ttft", "tpot", "itl", "e2el"):
-            print(f"    {name.upper():5s} mean {run[f'mean_{name}_ms']:9.2f} ms  median {run[f'median_{name}_ms']:9.2f}"
-                  f" ms  p99 {run[f'p99_{name}_ms']:9.2f} ms")
+            print(
+                f"    {name.upper():5s} mean {run[f'mean_{name}_ms']:9.2f} ms  median {run[f'median_{name}_ms']:9.2f}"
+                f" ms  p99 {run[f'p99_{name}_ms']:9.2f} ms"
+            )
     return 0

@@ -13,8 +13,16 @@ from effllm.models.config import ModelConfig
 
 SHAPES: dict[str, dict] = {
     **PRESETS,
-    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    "tiny": dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
 }
 
 
@@ -43,7 +51,9 @@ def bench_checkpoint(model_path: str | None, shape: str, dtype: str) -> Iterator
 
 def add_model_args(parser) -> None:
     """--model / --shape / --dtype, as every benchmark that measures one model takes them."""
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: random weights of --shape)")
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder (default: random weights of --shape)"
+    )
     parser.add_argument("--shape", default="smollm-135m", choices=sorted(SHAPES), help="random model shape")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
@@ -56,8 +66,11 @@ def add_engine_args(parser, defaults: dict | None = None) -> None:
     """Every engine option (EngineConfig fields), spelled as `effllm serve` and `effllm generate` spell them."""
     from effllm.engine.config import add_engine_flags
 
-    add_engine_flags(parser.add_argument_group("engine options (EngineConfig fields)"), exclude=_ENGINE_EXCLUDED,
-                     defaults=defaults)
+    add_engine_flags(
+        parser.add_argument_group("engine options (EngineConfig fields)"),
+        exclude=_ENGINE_EXCLUDED,
+        defaults=defaults,
+    )
 
 
 def engine_args(args) -> dict:

@@ -28,7 +28,9 @@ def random_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int =
 def run_effllm(model: CausalLM, prompts: list[list[int]], output_len: int, **engine_options) -> dict:
     llm = LLM(model, **engine_options)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p[:16]} for p in prompts[:2]], SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.generate(
+        [{"prompt_token_ids": p[:16]} for p in prompts[:2]], SamplingParams(max_tokens=2), use_tqdm=False
+    )
     stats = llm.engine.stats
     steps, preemptions = stats.num_steps, stats.num_preemptions
     start = time.perf_counter()
@@ -38,26 +40,38 @@ def run_effllm(model: CausalLM, prompts: list[list[int]], output_len: int, **eng
     cfg = llm.engine.config
     return {
         **_rates(elapsed, len(prompts), sum(map(len, prompts)), generated),
-        "steps": stats.num_steps - steps, "preemptions": stats.num_preemptions - preemptions,
-        "max_num_batched_tokens": cfg.max_num_batched_tokens, "max_num_seqs": cfg.max_num_seqs,
-        "kv_cache_blocks": llm.engine.block_manager.num_blocks, "block_size": cfg.block_size,
+        "steps": stats.num_steps - steps,
+        "preemptions": stats.num_preemptions - preemptions,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "max_num_seqs": cfg.max_num_seqs,
+        "kv_cache_blocks": llm.engine.block_manager.num_blocks,
+        "block_size": cfg.block_size,
     }
 
 
 def run_transformers(hf_model, prompts: list[list[int]], output_len: int, batch_size: int) -> dict:
     """Greedy `generate` over left-padded batches in submission order."""
+
     def generate(batch: list[list[int]], new_tokens: int) -> int:
         width = max(map(len, batch))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=hf_model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=hf_model.device)
-        out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False, pad_token_id=0)
+        out = hf_model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         return (out.shape[1] - width) * len(batch)
 
     with torch.inference_mode():
         generate([p[:16] for p in prompts[:2]], 2)  # warm-up
         start = time.perf_counter()
-        generated = sum(generate(prompts[i : i + batch_size], output_len) for i in range(0, len(prompts), batch_size))
+        generated = sum(
+            generate(prompts[i : i + batch_size], output_len) for i in range(0, len(prompts), batch_size)
+        )
         elapsed = time.perf_counter() - start
     return {**_rates(elapsed, len(prompts), sum(map(len, prompts)), generated), "batch_size": batch_size}
 
@@ -92,20 +106,30 @@ def run_throughput(
         prompts = random_prompts(num_requests, input_len_min, input_len_max, model.config.vocab_size, seed)
         result = {
             "model": label,
-            "dtype": dtype, "num_requests": num_requests, "input_len": [input_len_min, input_len_max],
-            "output_len": output_len, "prompt_tokens": sum(map(len, prompts)),
-            "threads": torch.get_num_threads(), "device": str(model.device),
+            "dtype": dtype,
+            "num_requests": num_requests,
+            "input_len": [input_len_min, input_len_max],
+            "output_len": output_len,
+            "prompt_tokens": sum(map(len, prompts)),
+            "threads": torch.get_num_threads(),
+            "device": str(model.device),
             "effllm": run_effllm(model, prompts, output_len, **engine_options),
         }
         del model
         if peers:
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
-                                                      attn_implementation="sdpa").to(result["device"]).eval()
+            hf = (
+                AutoModelForCausalLM.from_pretrained(
+                    model_path, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+                )
+                .to(result["device"])
+                .eval()
+            )
             result["transformers"] = run_transformers(hf, prompts, output_len, hf_batch_size)
             result["speedup_vs_transformers"] = round(
-                result["effllm"]["output_tokens_per_s"] / result["transformers"]["output_tokens_per_s"], 3)
+                result["effllm"]["output_tokens_per_s"] / result["transformers"]["output_tokens_per_s"], 3
+            )
     return result
 
 
@@ -122,19 +146,32 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_throughput(args.model, args.shape, args.dtype, args.num_requests, args.input_len_min,
-                            args.input_len_max, args.output_len, args.hf_batch_size, not args.no_peers,
-                            **engine_args(args))
+    result = run_throughput(
+        args.model,
+        args.shape,
+        args.dtype,
+        args.num_requests,
+        args.input_len_min,
+        args.input_len_max,
+        args.output_len,
+        args.hf_batch_size,
+        not args.no_peers,
+        **engine_args(args),
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['model']} {args.dtype}: {args.num_requests} requests, prompts {args.input_len_min}-"
-          f"{args.input_len_max} tokens, {args.output_len} output tokens each")
+    print(
+        f"{result['model']} {args.dtype}: {args.num_requests} requests, prompts {args.input_len_min}-"
+        f"{args.input_len_max} tokens, {args.output_len} output tokens each"
+    )
     for name in ("effllm", "transformers"):
         if name in result:
             r = result[name]
-            print(f"  {name:13s} {r['output_tokens_per_s']:8.1f} output tok/s  {r['total_tokens_per_s']:8.1f} total tok/s"
-                  f"  {r['requests_per_s']:6.3f} req/s  ({r['elapsed_s']:.1f} s)")
+            print(
+                f"  {name:13s} {r['output_tokens_per_s']:8.1f} output tok/s  {r['total_tokens_per_s']:8.1f} total tok/s"
+                f"  {r['requests_per_s']:6.3f} req/s  ({r['elapsed_s']:.1f} s)"
+            )
     if "speedup_vs_transformers" in result:
         print(f"  speedup vs transformers: {result['speedup_vs_transformers']:.2f}x")
     return 0

@@ -28,11 +28,23 @@ from effllm.train.metrics import detect_peak_tflops, flops_per_token
 from effllm.train.trainer import train_step
 
 
-def run_train_bench(shape: str = "galore-60m", config: ModelConfig | None = None, batch_size: int = 4,
-                    seq_len: int = 256, steps: int = 10, warmup: int = 2, grad_accum: int = 1,
-                    optimizer: str = "adamw", optimizer_options: dict[str, Any] | None = None,
-                    precision: str = "fp32", activation_checkpointing: bool = False, device: str | None = None,
-                    lr: float = 1e-4, peak_tflops: float | None = None, seed: int = 0) -> dict[str, Any]:
+def run_train_bench(
+    shape: str = "galore-60m",
+    config: ModelConfig | None = None,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    steps: int = 10,
+    warmup: int = 2,
+    grad_accum: int = 1,
+    optimizer: str = "adamw",
+    optimizer_options: dict[str, Any] | None = None,
+    precision: str = "fp32",
+    activation_checkpointing: bool = False,
+    device: str | None = None,
+    lr: float = 1e-4,
+    peak_tflops: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Train `config` (or the named `shape`) on random tokens for `warmup` + `steps` steps; time the last `steps`."""
     name = "custom" if config is not None else shape
     config = config or shape_config(shape)
@@ -69,9 +81,15 @@ def run_train_bench(shape: str = "galore-60m", config: ModelConfig | None = None
     return {
         "shape": name,
         "params": config.num_parameters(),
-        "optimizer": optimizer, "precision": precision, "activation_checkpointing": activation_checkpointing,
-        "device": str(dev), "threads": torch.get_num_threads(),
-        "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum, "steps": steps,
+        "optimizer": optimizer,
+        "precision": precision,
+        "activation_checkpointing": activation_checkpointing,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "grad_accum": grad_accum,
+        "steps": steps,
         "tokens_per_s": tokens_per_step / step_time,
         "tokens_per_s_mean": tokens_per_step * len(times) / sum(times),
         "step_time_s": step_time,
@@ -86,19 +104,31 @@ def run_train_bench(shape: str = "galore-60m", config: ModelConfig | None = None
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", default="galore-60m", choices=sorted(SHAPES), help="model shape (random weights)")
+    parser.add_argument(
+        "--shape", default="galore-60m", choices=sorted(SHAPES), help="model shape (random weights)"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--optimizer", default="adamw", help="optimizer name, as effllm train takes (default adamw)")
-    parser.add_argument("--optimizer-options", nargs="+", default=[], metavar="KEY=VALUE", help="optimizer options")
+    parser.add_argument(
+        "--optimizer", default="adamw", help="optimizer name, as effllm train takes (default adamw)"
+    )
+    parser.add_argument(
+        "--optimizer-options", nargs="+", default=[], metavar="KEY=VALUE", help="optimizer options"
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 or bf16 autocast")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute layers in backward"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: detected)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: detected)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
@@ -108,23 +138,36 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_train_bench(
-        args.shape, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-        grad_accum=args.grad_accum, optimizer=args.optimizer,
+        args.shape,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        grad_accum=args.grad_accum,
+        optimizer=args.optimizer,
         optimizer_options=parse_key_values(args.optimizer_options, "--optimizer-options"),
-        precision=args.precision, activation_checkpointing=args.activation_checkpointing, device=args.device,
+        precision=args.precision,
+        activation_checkpointing=args.activation_checkpointing,
+        device=args.device,
         peak_tflops=args.peak_tflops,
     )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     mfu = f"{result['mfu']:.1%} of {result['peak_tflops']:.2f} TFLOP/s" if result["mfu"] else "n/a (no peak)"
-    print(f"{result['shape']} ({result['params'] / 1e6:.1f}M params), {result['optimizer']}, {result['precision']}, "
-          f"batch {result['batch_size']}x{result['seq_len']}x{result['grad_accum']} on {result['device']} "
-          f"({result['threads']} threads)")
-    print(f"  {result['tokens_per_s']:,.0f} tokens/s (median step {result['step_time_s']:.3f} s), "
-          f"{result['achieved_tflops'] * 1e3:.1f} GFLOP/s, MFU {mfu}")
-    print(f"  peak memory {result['peak_memory_bytes'] / 1024**2:,.0f} MiB ({result['memory_kind']}), "
-          f"{result['added_memory_bytes'] / 1024**2:,.0f} MiB above the process before the model")
+    print(
+        f"{result['shape']} ({result['params'] / 1e6:.1f}M params), {result['optimizer']}, {result['precision']}, "
+        f"batch {result['batch_size']}x{result['seq_len']}x{result['grad_accum']} on {result['device']} "
+        f"({result['threads']} threads)"
+    )
+    print(
+        f"  {result['tokens_per_s']:,.0f} tokens/s (median step {result['step_time_s']:.3f} s), "
+        f"{result['achieved_tflops'] * 1e3:.1f} GFLOP/s, MFU {mfu}"
+    )
+    print(
+        f"  peak memory {result['peak_memory_bytes'] / 1024**2:,.0f} MiB ({result['memory_kind']}), "
+        f"{result['added_memory_bytes'] / 1024**2:,.0f} MiB above the process before the model"
+    )
     return 0
 
 
@@ -133,7 +176,9 @@ def reset_peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
-    with contextlib.suppress(OSError):  # writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)
+    with contextlib.suppress(
+        OSError
+    ):  # writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
     return peak_memory_bytes(device) or 0
 

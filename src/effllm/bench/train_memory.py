@@ -74,19 +74,35 @@ METHODS: dict[str, MethodSpec] = {
     "galore-8bit-layerwise": MethodSpec(
         "layer-wise 8-bit GaLore (paper rank)", "galore_adamw8bit", _galore(layerwise=True)
     ),
-    "lisa": MethodSpec(f"LISA: AdamW, {SAMPLED_LAYERS} blocks train, redrawn every {LISA_INTERVAL} steps",
-                       "adamw", sampler="lisa"),
-    "owlore": MethodSpec(f"OwLore: GaLore (OwLore's rank 256, gap 100) on {SAMPLED_LAYERS} sampled blocks",
-                         "galore_adamw", sampler="owlore"),
+    "lisa": MethodSpec(
+        f"LISA: AdamW, {SAMPLED_LAYERS} blocks train, redrawn every {LISA_INTERVAL} steps",
+        "adamw",
+        sampler="lisa",
+    ),
+    "owlore": MethodSpec(
+        f"OwLore: GaLore (OwLore's rank 256, gap 100) on {SAMPLED_LAYERS} sampled blocks",
+        "galore_adamw",
+        sampler="owlore",
+    ),
     "zo-sgd": MethodSpec("MeZO ZO-SGD (two forward passes, no backward)", "zo_sgd"),
     "zo-adam": MethodSpec("ZO-Adam (AdamW moments on the zeroth-order estimate)", "zo_adam"),
 }
 DEFAULT_SHAPES = ("galore-60m", "galore-350m")
 
 
-def measure_method(shape: str, method: str, batch_size: int = 2, seq_len: int = 256, steps: int = 3,
-                   warmup: int = 1, precision: str = "fp32", device: str | None = None, rank: int | None = None,
-                   lr: float = 1e-4, seed: int = 0) -> dict[str, Any]:
+def measure_method(
+    shape: str,
+    method: str,
+    batch_size: int = 2,
+    seq_len: int = 256,
+    steps: int = 3,
+    warmup: int = 1,
+    precision: str = "fp32",
+    device: str | None = None,
+    rank: int | None = None,
+    lr: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, Any]:
     """One row: train `shape` with `method` for `warmup` + `steps` steps (plus one refresh step for GaLore).
 
     Run it in a fresh process (as `run_train_memory_bench` does) for a peak that is this method's alone.
@@ -150,10 +166,18 @@ def measure_method(shape: str, method: str, batch_size: int = 2, seq_len: int = 
     step_time = statistics.median(times)
     layerwise = optimizer is not None and steps_in_backward(optimizer)
     return {
-        "shape": shape, "method": method, "description": spec.description,
-        "optimizer": spec.optimizer, "rank": rank_used,
-        "layerwise": layerwise, "params": config.num_parameters(), "device": str(dev),
-        "threads": torch.get_num_threads(), "precision": precision, "batch_size": batch_size, "seq_len": seq_len,
+        "shape": shape,
+        "method": method,
+        "description": spec.description,
+        "optimizer": spec.optimizer,
+        "rank": rank_used,
+        "layerwise": layerwise,
+        "params": config.num_parameters(),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
         "steps": steps,
         "weights_bytes": weights,
         "gradient_peak_bytes": grads.peak,
@@ -210,8 +234,9 @@ class _GradientTracker:
             self.peak = max(self.peak, live)
 
 
-def _build(spec: MethodSpec, model: nn.Module, rank: int, lr: float,
-           seed: int) -> tuple[torch.optim.Optimizer | None, Any]:
+def _build(
+    spec: MethodSpec, model: nn.Module, rank: int, lr: float, seed: int
+) -> tuple[torch.optim.Optimizer | None, Any]:
     """(optimizer, layer sampler or None); (None, None) for the inference row."""
     if spec.optimizer is None:
         model.eval()
@@ -255,8 +280,12 @@ def _method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def run_train_memory_bench(shapes: tuple[str, ...] | list[str] = DEFAULT_SHAPES, methods: list[str] | None = None,
-                           progress: Callable[[str], None] | None = None, **options: Any) -> dict[str, Any]:
+def run_train_memory_bench(
+    shapes: tuple[str, ...] | list[str] = DEFAULT_SHAPES,
+    methods: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """Every method on every shape, each in its own process; rows, ratios to AdamW and the issue's goals."""
     methods = list(methods or METHODS)
     for name in methods:
@@ -274,8 +303,11 @@ def run_train_memory_bench(shapes: tuple[str, ...] | list[str] = DEFAULT_SHAPES,
             rows.append(row)
             if progress:
                 progress(f"    {_summary(row)} ({time.perf_counter() - start:.0f} s)")
-    return {"options": options, "rows": rows, "goals": {shape: goals([r for r in rows if r["shape"] == shape])
-                                                        for shape in shapes}}
+    return {
+        "options": options,
+        "rows": rows,
+        "goals": {shape: goals([r for r in rows if r["shape"] == shape]) for shape in shapes},
+    }
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -287,39 +319,60 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
             return None
         return by[a][key] / by[b][key_b or key]
 
-    paper = next((m for m in ("galore-r128", "galore-r256") if m in by and by[m]["rank"] == _paper_rank(rows)),
-                 None)
+    paper = next(
+        (m for m in ("galore-r128", "galore-r256") if m in by and by[m]["rank"] == _paper_rank(rows)), None
+    )
     checks = {
         "galore_state_vs_adamw": (ratio(paper, "adamw", "optimizer_state_bytes") if paper else None, 0.35),
-        "galore_8bit_layerwise_total_vs_adamw": (ratio("galore-8bit-layerwise", "adamw", "added_bytes"), 0.45),
+        "galore_8bit_layerwise_total_vs_adamw": (
+            ratio("galore-8bit-layerwise", "adamw", "added_bytes"),
+            0.45,
+        ),
         # the same without activations: weights + peak gradients + optimizer state
         "galore_8bit_layerwise_weights_grads_state_vs_adamw": (
-            ratio("galore-8bit-layerwise", "adamw", "model_state_bytes"), 0.45),
+            ratio("galore-8bit-layerwise", "adamw", "model_state_bytes"),
+            0.45,
+        ),
         "zo_sgd_total_vs_inference": (ratio("zo-sgd", "inference", "added_bytes"), 1.2),
         "galore_step_time_over_gap_vs_adamw": (
-            ratio(paper, "adamw", "step_time_over_gap_s", "step_time_s") if paper else None, 1.3),
+            ratio(paper, "adamw", "step_time_over_gap_s", "step_time_s") if paper else None,
+            1.3,
+        ),
     }
-    return {name: {"measured": value, "goal_at_most": limit, "met": None if value is None else value <= limit}
-            for name, (value, limit) in checks.items()}
+    return {
+        name: {"measured": value, "goal_at_most": limit, "met": None if value is None else value <= limit}
+        for name, (value, limit) in checks.items()
+    }
 
 
 def _paper_rank(rows: list[dict[str, Any]]) -> int:
-    ranks = [r["rank"] for r in rows if r.get("method") in ("galore-8bit", "galore-layerwise") and r.get("rank")]
+    ranks = [
+        r["rank"] for r in rows if r.get("method") in ("galore-8bit", "galore-layerwise") and r.get("rank")
+    ]
     return ranks[0] if ranks else PAPER_RANK.get(rows[0]["shape"], DEFAULT_RANK) if rows else DEFAULT_RANK
 
 
 def _in_subprocess(kwargs: dict[str, Any]) -> dict[str, Any]:
     """`measure_method(**kwargs)` in a fresh Python; a failure becomes a row with an `error`."""
-    code = ("import json, sys; from effllm.bench.train_memory import measure_method; "
-            "print('RESULT ' + json.dumps(measure_method(**json.loads(sys.argv[1]))))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    code = (
+        "import json, sys; from effllm.bench.train_memory import measure_method; "
+        "print('RESULT ' + json.dumps(measure_method(**json.loads(sys.argv[1]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     lines = (proc.stderr or proc.stdout).strip().splitlines()
-    return {"shape": kwargs["shape"], "method": kwargs["method"],
-            "error": lines[-1] if lines else f"exited with status {proc.returncode}"}
+    return {
+        "shape": kwargs["shape"],
+        "method": kwargs["method"],
+        "error": lines[-1] if lines else f"exited with status {proc.returncode}",
+    }
 
 
 def _mib(n: int | None) -> str:
@@ -329,8 +382,10 @@ def _mib(n: int | None) -> str:
 def _summary(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"failed: {row['error']}"
-    return (f"added {_mib(row['added_bytes'])} MiB, state {_mib(row['optimizer_state_bytes'])} MiB, "
-            f"step {row['step_time_s']:.2f} s")
+    return (
+        f"added {_mib(row['added_bytes'])} MiB, state {_mib(row['optimizer_state_bytes'])} MiB, "
+        f"step {row['step_time_s']:.2f} s"
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -341,10 +396,13 @@ def format_table(result: dict[str, Any]) -> str:
         ok = [r for r in rows if "error" not in r]
         base = next((r for r in ok if r["method"] == "adamw"), None)
         params = f" ({ok[0]['params'] / 1e6:.0f}M parameters)" if ok else ""
-        lines += [f"{shape}{params}", "",
-                  "| method | weights MiB | grads peak MiB | optimizer state MiB | peak MiB | added MiB "
-                  "| vs AdamW | step s | step over gap s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"{shape}{params}",
+            "",
+            "| method | weights MiB | grads peak MiB | optimizer state MiB | peak MiB | added MiB "
+            "| vs AdamW | step s | step over gap s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['method']} | failed: {r['error']} |||||||")
@@ -353,7 +411,8 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['method']} | {_mib(r['weights_bytes'])} | {_mib(r['gradient_peak_bytes'])} "
                 f"| {_mib(r['optimizer_state_bytes'])} | {_mib(r['peak_bytes'])} | {_mib(r['added_bytes'])} "
-                f"| {rel} | {r['step_time_s']:.3f} | {r['step_time_over_gap_s']:.3f} |")
+                f"| {rel} | {r['step_time_s']:.3f} | {r['step_time_over_gap_s']:.3f} |"
+            )
         lines.append("")
         for name, check in checks.items():
             value = "-" if check["measured"] is None else f"{check['measured']:.2f}"
@@ -364,31 +423,57 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=sorted(SHAPES),
-                        metavar="SHAPE", help=f"model shapes, random weights (default: {' '.join(DEFAULT_SHAPES)})")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                        help=f"methods to measure (default: all of {', '.join(METHODS)})")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=list(DEFAULT_SHAPES),
+        choices=sorted(SHAPES),
+        metavar="SHAPE",
+        help=f"model shapes, random weights (default: {' '.join(DEFAULT_SHAPES)})",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to measure (default: all of {', '.join(METHODS)})",
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per step (default 2)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="GaLore rank of the 8-bit, layer-wise rows (default: the paper's: 60M 128, 350M 256)")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="GaLore rank of the 8-bit, layer-wise rows (default: the paper's: 60M 128, 350M 256)",
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 or bf16 autocast")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
     parser.add_argument("--json", action="store_true", help="print JSON only (progress still goes to stderr)")
 
 
 def main(args: argparse.Namespace) -> int:
-    for name, low in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--steps", args.steps)):
+    for name, low in (
+        ("--batch-size", args.batch_size),
+        ("--seq-len", args.seq_len),
+        ("--steps", args.steps),
+    ):
         if low < 1:
             raise ConfigError(f"{name} must be at least 1, got {low}")
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be at least 0, got {args.warmup}")
     result = run_train_memory_bench(
-        args.shapes, args.methods, progress=lambda line: print(line, file=sys.stderr, flush=True),
-        batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-        precision=args.precision, device=args.device, rank=args.rank,
+        args.shapes,
+        args.methods,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        precision=args.precision,
+        device=args.device,
+        rank=args.rank,
     )
     if all("error" in r for r in result["rows"]):
         raise EffLLMError(f"every row failed; the first: {result['rows'][0]['error']}")

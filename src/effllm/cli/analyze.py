@@ -187,10 +187,19 @@ def _add_memory(sub) -> None:
         default=None,
         help="inference: tokens per forward step (default batch x context, one-shot prefill)",
     )
-    p.add_argument("--optimizer", choices=list(list_optimizers()), default="adamw",
-                   help="training: an optimizer name, as effllm train --optimizer takes it (default adamw)")
-    p.add_argument("--optimizer-options", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="training: its options, as effllm train takes them (e.g. momentum=0.9 history_size=10)")
+    p.add_argument(
+        "--optimizer",
+        choices=list(list_optimizers()),
+        default="adamw",
+        help="training: an optimizer name, as effllm train --optimizer takes it (default adamw)",
+    )
+    p.add_argument(
+        "--optimizer-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training: its options, as effllm train takes them (e.g. momentum=0.9 history_size=10)",
+    )
     p.add_argument("--rank", type=int, default=128, help="GaLore rank")
     p.add_argument("--param-bits", type=int, default=32, help="training: parameter bits (default 32)")
     p.add_argument("--grad-bits", type=int, default=None, help="training: gradient bits (default param bits)")

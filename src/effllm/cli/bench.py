@@ -13,8 +13,10 @@ BENCHES = {
     "load-memory": ("effllm.bench.load_memory", "peak RAM while loading a checkpoint, over its size"),
     "serve": ("effllm.bench.serve", "online load test of an OpenAI server: TTFT, TPOT, ITL, E2EL"),
     "train": ("effllm.bench.train", "training tokens/s, MFU and peak memory of one model and optimizer"),
-    "train-memory": ("effllm.bench.train_memory",
-                     "memory (weights, grads, optimizer state, peak) and step time of each efficient method"),
+    "train-memory": (
+        "effllm.bench.train_memory",
+        "memory (weights, grads, optimizer state, peak) and step time of each efficient method",
+    ),
 }
 
 

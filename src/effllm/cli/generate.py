@@ -18,14 +18,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Continue PROMPT with the model, streaming the new text to stdout.",
     )
     p.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded default model)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: the embedded default model)"
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="most new tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)"
+    )
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message in the chat template"
+    )
     p.add_argument("--system", default=None, help="system message for --chat")
     add_engine_flags(p.add_argument_group("engine options (EngineConfig fields)"), exclude=ENGINE_EXCLUDED)
     p.set_defaults(func=run)
@@ -38,12 +44,18 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if any(not s for s in args.stop):
         raise InputError("--stop needs a non-empty string")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=list(args.stop))
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=list(args.stop),
+    )
     engine = LLMEngine.from_pretrained(model_or_default(args.model), **engine_options(args, ENGINE_EXCLUDED))
     tokenizer = engine.tokenizer
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         request = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

@@ -12,10 +12,22 @@ from pathlib import Path
 from effllm.core.errors import CheckpointError
 
 PRESETS = {
-    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024),
-    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-                  num_key_value_heads=4, max_position_embeddings=2048),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
 }
 
 
@@ -45,8 +57,14 @@ def init_model(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str 
     tokenizer = build_byte_level_tokenizer()
     # A chat turn ends with <|im_end|>, plain text with <|endoftext|>: generation stops at either.
     eos = [tokenizer.eos_token_id, tokenizer.token_to_id("<|im_end|>")]
-    config = ModelConfig(model_type="llama", vocab_size=tokenizer.vocab_size, bos_token_id=None, eos_token_id=eos,
-                         pad_token_id=tokenizer.pad_token_id, **PRESETS[preset])
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=tokenizer.vocab_size,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        **PRESETS[preset],
+    )
     torch.manual_seed(seed)
     model = CausalLM(config).to(getattr(torch, dtype))
     return save_model(model, out, tokenizer=tokenizer)

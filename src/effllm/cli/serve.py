@@ -18,28 +18,59 @@ gracefully (in-flight requests finish, up to --shutdown-timeout) and exits 0."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                              description=DESCRIPTION)
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API", description=DESCRIPTION
+    )
     add_args(p)
     p.set_defaults(func=run)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded default model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=os.environ.get("EFFLLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $EFFLLM_API_KEY, else none)")
-    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="model name(s) clients pass as 'model' (default: the --model argument)")
-    p.add_argument("--max-queue", type=int, default=None,
-                   help="answer 429 while this many requests wait for the engine (default: no limit)")
-    p.add_argument("--request-timeout", type=float, default=None,
-                   help="abort a request running longer than this many seconds (default: no limit)")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
-                   help="largest request body accepted, in bytes (default 4 MiB; larger gets 413)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on shutdown before they are aborted (default 30)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: the embedded default model)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("EFFLLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $EFFLLM_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="model name(s) clients pass as 'model' (default: the --model argument)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="answer 429 while this many requests wait for the engine (default: no limit)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="abort a request running longer than this many seconds (default: no limit)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request body accepted, in bytes (default 4 MiB; larger gets 413)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on shutdown before they are aborted (default 30)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_flags(p.add_argument_group("engine options (EngineConfig fields)"))
 
@@ -51,14 +82,28 @@ def run(args: argparse.Namespace) -> int:
     from effllm.serve.app import build_app
     from effllm.serve.server import run_server
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     model = model_or_default(args.model)
     engine = LLMEngine.from_pretrained(model, **engine_options(args))
-    app = build_app(engine, served_model_names=args.served_model_name or [args.model or "effllm-default"],
-                    api_key=args.api_key, max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    max_body_bytes=args.max_body_bytes, model_root=model)
-    run_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
-               on_shutdown_timeout=app.state.engine.abort_all, log_level=args.log_level)
+    app = build_app(
+        engine,
+        served_model_names=args.served_model_name or [args.model or "effllm-default"],
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        model_root=model,
+    )
+    run_server(
+        app,
+        args.host,
+        args.port,
+        shutdown_timeout=args.shutdown_timeout,
+        on_shutdown_timeout=app.state.engine.abort_all,
+        log_level=args.log_level,
+    )
     return 0
 
 

@@ -42,7 +42,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from effllm.core.flags import add_dataclass_flags
     from effllm.train.config import TrainConfig
 
-    parser.add_argument("--config", help="YAML file of options, named as the flags", default=argparse.SUPPRESS)
+    parser.add_argument(
+        "--config", help="YAML file of options, named as the flags", default=argparse.SUPPRESS
+    )
     add_dataclass_flags(parser, TrainConfig)
 
 
@@ -75,10 +77,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m effllm.train`: `effllm train` without the rest of the CLI (what torchrun runs)."""
-    parser = argparse.ArgumentParser(prog="python -m effllm.train", description=__doc__, epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="python -m effllm.train",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     return run_command(run, args)
-

@@ -29,7 +29,9 @@ from effllm.core.errors import ConfigError
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def option(default: Any, help: str, choices: tuple[Any, ...] | None = None, metavar: str | None = None) -> Any:
+def option(
+    default: Any, help: str, choices: tuple[Any, ...] | None = None, metavar: str | None = None
+) -> Any:
     """A dataclass field whose metadata carries the flag's help text (and choices)."""
     metadata = {"help": help, "choices": choices, "metavar": metavar}
     if isinstance(default, (list, dict)):
@@ -71,7 +73,9 @@ def add_dataclass_flags(
         if f.name in exclude:
             continue
         if "help" not in f.metadata:
-            raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with effllm.core.flags.option")
+            raise TypeError(
+                f"{cls.__name__}.{f.name} has no help text: declare it with effllm.core.flags.option"
+            )
         default = (defaults or {}).get(f.name, _default(f))
         help_text = f.metadata["help"]
         if default not in (None, [], {}):

@@ -70,10 +70,13 @@ class PagedAttention:
             block_ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
             self.prefills.append(PrefillChunk(starts[r], starts[r + 1], layout.num_computed[r], block_ids))
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None,
-                scale: float) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, scale: float
+    ) -> torch.Tensor:
         if window not in self._decode_views:
-            self._decode_views[window] = self._compiled_view(window) if self.use_compiled else self._sdpa_view(window)
+            self._decode_views[window] = (
+                self._compiled_view(window) if self.use_compiled else self._sdpa_view(window)
+            )
         view = self._decode_views[window]
         if self.use_compiled:
             return paged_decode_attention_cpu(q, k_cache, v_cache, *view, scale)
@@ -95,7 +98,9 @@ class PagedAttention:
         rows = [blocks[f : -(-n // bs)] for blocks, f, n in spans]
         width = max(len(r) for r in rows)
         pad = self.cache.scratch_block
-        tables = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device)
+        tables = torch.tensor(
+            [r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device
+        )
         full = window is None and all(n == width * bs for n in self.decode_lens)
         mask = None
         if not full:
@@ -104,8 +109,16 @@ class PagedAttention:
             mask = decode_key_mask(lens, first_pos, width * bs, window)
         return tables, mask
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                 window: int | None, scale: float) -> torch.Tensor:
+    def __call__(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        window: int | None,
+        scale: float,
+    ) -> torch.Tensor:
         q, k, v = q[0], k[0], v[0]  # [T, heads, D]: the engine runs one flattened sequence
         self.cache.write(layer_idx, k, v, self.slot_mapping)
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
@@ -116,11 +129,17 @@ class PagedAttention:
         for chunk in self.prefills:
             qc = q[chunk.start : chunk.end]
             if chunk.num_computed == 0:  # nothing cached before the chunk: its own keys are all there is
-                out = sdpa_attention(qc[None], k[None, chunk.start : chunk.end], v[None, chunk.start : chunk.end],
-                                     scale=scale, window=window)[0]
+                out = sdpa_attention(
+                    qc[None],
+                    k[None, chunk.start : chunk.end],
+                    v[None, chunk.start : chunk.end],
+                    scale=scale,
+                    window=window,
+                )[0]
             else:
-                out = paged_prefill_attention(qc, k_cache, v_cache, chunk.block_ids, chunk.num_computed, window,
-                                              scale)
+                out = paged_prefill_attention(
+                    qc, k_cache, v_cache, chunk.block_ids, chunk.num_computed, window, scale
+                )
             parts.append(out)
         return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
 
@@ -137,10 +156,20 @@ class TritonPagedAttention:
         self.device = cache.k[0].device
         self.slot_mapping = self.block_tables = self.seq_ids = self.positions = None
 
-    def bind(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_ids: torch.Tensor,
-             positions: torch.Tensor) -> None:
+    def bind(
+        self,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_ids: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
         """Use these device tensors as the step's layout (block_tables, seq_ids, positions int32)."""
-        self.slot_mapping, self.block_tables, self.seq_ids, self.positions = slot_mapping, block_tables, seq_ids, positions
+        self.slot_mapping, self.block_tables, self.seq_ids, self.positions = (
+            slot_mapping,
+            block_tables,
+            seq_ids,
+            positions,
+        )
 
     def prepare(self, layout: StepLayout) -> None:
         width = max(len(b) for b in layout.block_tables)
@@ -148,15 +177,35 @@ class TritonPagedAttention:
         tables = [b + [pad] * (width - len(b)) for b in layout.block_tables]
         seq_ids = [r for r, n in enumerate(layout.query_lens()) for _ in range(n)]
         as_int32 = dict(dtype=torch.int32, device=self.device)
-        self.bind(layout.slot_mapping, torch.tensor(tables, **as_int32), torch.tensor(seq_ids, **as_int32),
-                  layout.positions.to(torch.int32))
+        self.bind(
+            layout.slot_mapping,
+            torch.tensor(tables, **as_int32),
+            torch.tensor(seq_ids, **as_int32),
+            layout.positions.to(torch.int32),
+        )
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                 window: int | None, scale: float) -> torch.Tensor:
+    def __call__(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        window: int | None,
+        scale: float,
+    ) -> torch.Tensor:
         self.cache.write(layer_idx, k[0], v[0], self.slot_mapping)
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        out = paged_attention_triton(q[0].contiguous(), k_cache, v_cache, self.block_tables, self.seq_ids,
-                                     self.positions, window, scale)
+        out = paged_attention_triton(
+            q[0].contiguous(),
+            k_cache,
+            v_cache,
+            self.block_tables,
+            self.seq_ids,
+            self.positions,
+            window,
+            scale,
+        )
         return out[None]
 
 

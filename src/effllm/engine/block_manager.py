@@ -50,7 +50,9 @@ class BlockManager:
         bs, hashes = self.block_size, request.block_hashes
         while len(hashes) < i:
             j = len(hashes)
-            hashes.append(hash((hashes[j - 1] if j else None, tuple(request.token_ids[j * bs : (j + 1) * bs]))))
+            hashes.append(
+                hash((hashes[j - 1] if j else None, tuple(request.token_ids[j * bs : (j + 1) * bs])))
+            )
         return (hashes[i - 1] if i else None, tuple(request.token_ids[i * bs : (i + 1) * bs]))
 
     def find_cached_prefix(self, request: Request) -> list[int]:

@@ -14,8 +14,22 @@ import torch
 from effllm.core.errors import ConfigError
 from effllm.core.flags import add_dataclass_flags, given_fields, option
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "t": 1000**4, "tb": 1000**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "t": 1000**4,
+    "tb": 1000**4,
+}
 
 # CPU: a step of 512 tokens keeps the GEMMs near peak and a step near half a second for a 135M model.
 CPU_MAX_NUM_BATCHED_TOKENS = 512
@@ -30,7 +44,9 @@ def parse_memory(value: int | float | str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise ConfigError(f"cannot read the memory size {value!r}; write bytes or e.g. '2GiB', '512MiB', '4GB'")
+        raise ConfigError(
+            f"cannot read the memory size {value!r}; write bytes or e.g. '2GiB', '512MiB', '4GB'"
+        )
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -44,25 +60,39 @@ class EngineConfig:
 
     block_size: int = option(16, "tokens per KV-cache block")
     kv_cache_memory: int | str | None = option(
-        None, "KV-cache size in bytes or with a unit, e.g. 2GiB (default: at most 2 GiB on CPU, less when fewer "
-        "tokens can ever be held; --gpu-memory-utilization of the GPU on CUDA)", metavar="SIZE")
+        None,
+        "KV-cache size in bytes or with a unit, e.g. 2GiB (default: at most 2 GiB on CPU, less when fewer "
+        "tokens can ever be held; --gpu-memory-utilization of the GPU on CUDA)",
+        metavar="SIZE",
+    )
     gpu_memory_utilization: float = option(0.9, "fraction of the GPU's memory the engine may use (CUDA)")
     num_kv_blocks: int | None = option(None, "exact number of KV-cache blocks, overriding --kv-cache-memory")
     max_num_batched_tokens: int | None = option(
-        None, "token budget of one step, decodes and prefill chunks together (default: 512 on CPU, 8192 or 16384 "
-        "on CUDA)")
-    max_num_seqs: int | None = option(None, "most sequences running at once (default: 64 on CPU, 256 or 1024 on CUDA)")
+        None,
+        "token budget of one step, decodes and prefill chunks together (default: 512 on CPU, 8192 or 16384 "
+        "on CUDA)",
+    )
+    max_num_seqs: int | None = option(
+        None, "most sequences running at once (default: 64 on CPU, 256 or 1024 on CUDA)"
+    )
     max_model_len: int | None = option(
-        None, "longest prompt plus output in tokens (default: the model's max_position_embeddings)")
-    enable_prefix_caching: bool = option(True, "share the KV blocks of a common prompt prefix between requests")
+        None, "longest prompt plus output in tokens (default: the model's max_position_embeddings)"
+    )
+    enable_prefix_caching: bool = option(
+        True, "share the KV blocks of a common prompt prefix between requests"
+    )
     enable_chunked_prefill: bool = option(True, "cut long prompts into chunks that share steps with decodes")
     attention_backend: str = option(
-        "auto", "attention over the paged KV cache: auto (triton on CUDA, paged on CPU) or a name from "
-        "effllm.engine.attention_backend.BACKENDS")
+        "auto",
+        "attention over the paged KV cache: auto (triton on CUDA, paged on CPU) or a name from "
+        "effllm.engine.attention_backend.BACKENDS",
+    )
     dtype: str | None = option(None, "float32, bfloat16, float16 or auto (default: the checkpoint's)")
     device: str | None = option(None, "cpu, cuda, cuda:N or auto (default: CUDA when available)")
     enforce_eager: bool = option(False, "never capture CUDA graphs of decode steps (CUDA)")
-    seed: int = option(0, "seed of the engine's shared sampling generator (requests with a seed use their own)")
+    seed: int = option(
+        0, "seed of the engine's shared sampling generator (requests with a seed use their own)"
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -99,8 +129,9 @@ class EngineConfig:
         if not self.enable_chunked_prefill:
             # Without chunking a whole prompt must fit in one step.
             max_tokens = max(max_tokens, max_model_len)
-        return replace(self, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=max_tokens)
+        return replace(
+            self, max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens
+        )
 
 
 def add_engine_flags(parser, exclude: tuple[str, ...] = (), defaults: dict | None = None) -> None:

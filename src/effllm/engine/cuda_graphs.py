@@ -29,9 +29,12 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_batch)
         self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_batch,), self.scratch_block * self.block_size, dtype=torch.long,
-                                       device=device)
-        self.block_tables = torch.full((max_batch, max_blocks), self.scratch_block, dtype=torch.int32, device=device)
+        self.slot_mapping = torch.full(
+            (max_batch,), self.scratch_block * self.block_size, dtype=torch.long, device=device
+        )
+        self.block_tables = torch.full(
+            (max_batch, max_blocks), self.scratch_block, dtype=torch.int32, device=device
+        )
         self.seq_ids = torch.arange(max_batch, dtype=torch.int32, device=device)
         self.query_positions = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.backend = backend
@@ -42,7 +45,9 @@ class DecodeGraphs:
             self._bind(size)
 
             def forward(size=size):
-                return model.hidden_states(self.input_ids[None, :size], self.positions[None, :size], attn=backend)
+                return model.hidden_states(
+                    self.input_ids[None, :size], self.positions[None, :size], attn=backend
+                )
 
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -61,8 +66,12 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _bind(self, size: int) -> None:
-        self.backend.bind(self.slot_mapping[:size], self.block_tables[:size], self.seq_ids[:size],
-                          self.query_positions[:size])
+        self.backend.bind(
+            self.slot_mapping[:size],
+            self.block_tables[:size],
+            self.seq_ids[:size],
+            self.query_positions[:size],
+        )
 
     def run(self, layout: StepLayout) -> torch.Tensor:
         """Replay the smallest graph that holds the step's n decodes; returns hidden states [n, hidden]."""

@@ -26,8 +26,13 @@ def block_bytes(model_config: ModelConfig, block_size: int, dtype: torch.dtype) 
     return model_config.num_hidden_layers * block_size * per_token
 
 
-def num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                  activation_bytes: int = 0) -> int:
+def num_kv_blocks(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    activation_bytes: int = 0,
+) -> int:
     """How many blocks the budget holds: num_kv_blocks if set, else kv_cache_memory, else (CUDA) the
     free memory up to gpu_memory_utilization less `activation_bytes`, else (CPU) 2 GiB at most."""
     if config.num_kv_blocks is not None:
@@ -52,18 +57,32 @@ def num_kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.
 
 
 class PagedKVCache:
-    def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         shape = (num_blocks + 1, block_size, model_config.num_key_value_heads, model_config.head_dim)
         # Zeros, not empty: masked-out keys are multiplied by zero weights, and 0 * NaN garbage is NaN.
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_hidden_layers)]
+        self.k = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_hidden_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_hidden_layers)
+        ]
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.scratch_block = num_blocks
         self.device = torch.device(device)
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
-                 2 * sum(t.numel() * t.element_size() for t in self.k) / 2**20)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            num_blocks,
+            block_size,
+            2 * sum(t.numel() * t.element_size() for t in self.k) / 2**20,
+        )
 
     def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store the new keys and values k, v [tokens, kv_heads, head_dim] of a layer at flat slots [tokens]."""

@@ -1,8 +1,8 @@
 """`LLM`: the offline API. Submit every prompt at once and let the engine batch them.
 
-    llm = LLM("HuggingFaceTB/SmolLM2-135M", max_num_seqs=32)
-    outs = llm.generate(["Hello", {"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=64))
-    print(outs[0].text)
+llm = LLM("HuggingFaceTB/SmolLM2-135M", max_num_seqs=32)
+outs = llm.generate(["Hello", {"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=64))
+print(outs[0].text)
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise InputError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one each")
+                raise InputError(
+                    f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one each"
+                )
         ids = [str(next(self._ids)) for _ in prompts]
         try:
             for request_id, prompt, p in zip(ids, prompts, params, strict=True):

@@ -46,8 +46,13 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None,
-                 proposer: Proposer | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer=None,
+        config: EngineConfig | None = None,
+        proposer: Proposer | None = None,
+    ):
         config = config or EngineConfig()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -57,8 +62,9 @@ class LLMEngine:
         cache_tokens = self.runner.num_blocks * self.config.block_size
         if cache_tokens < self.config.max_model_len:
             self.config.max_model_len = cache_tokens
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
-                                          self.config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.output_processor = OutputProcessor(tokenizer)
         self.parents: dict[str, ParentRequest] = {}
@@ -69,7 +75,9 @@ class LLMEngine:
         self.proposer = proposer  # speculative decoding: drafts for greedy requests (spec_decode/)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, tokenizer: Any = None, **options: Any) -> LLMEngine:
+    def from_pretrained(
+        cls, path_or_id: str | os.PathLike, tokenizer: Any = None, **options: Any
+    ) -> LLMEngine:
         """Load a checkpoint (folder or hub id) and its tokenizer (when the folder has one)."""
         config = EngineConfig(**options)
         model = load_model(path_or_id, dtype=config.dtype, device=config.device)
@@ -80,8 +88,13 @@ class LLMEngine:
         return cls(model, tokenizer, config)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         """Queue a prompt: text, token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
         params = params or SamplingParams()
         if request_id in self.parents:
@@ -92,8 +105,14 @@ class LLMEngine:
         parent = ParentRequest(request_id, text, ids, params, arrival_time)
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
-            request = Request(request_id if params.n == 1 else f"{request_id}-{i}", ids, params,
-                              self.eos_token_ids, seed, arrival_time)
+            request = Request(
+                request_id if params.n == 1 else f"{request_id}-{i}",
+                ids,
+                params,
+                self.eos_token_ids,
+                seed,
+                arrival_time,
+            )
             if i and self.config.enable_prefix_caching:
                 request.wait_for = parent.samples[0].request  # then share its prompt blocks
             parent.samples.append(self.output_processor.new_sample(request))
@@ -162,7 +181,9 @@ class LLMEngine:
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InputError("this engine has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
+                raise InputError(
+                    "this engine has no tokenizer; pass {'prompt_token_ids': [...]} instead of text"
+                )
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -197,4 +218,3 @@ def make_engine(model: CausalLM | str | os.PathLike, tokenizer: Any = None, **op
     if tokenizer is not None and not hasattr(tokenizer, "encode"):
         raise ConfigError(f"tokenizer must be a Tokenizer or a folder, not {type(tokenizer).__name__}")
     return LLMEngine(model, tokenizer, config)
-

@@ -101,8 +101,14 @@ class ModelRunner:
             start = request.num_computed_tokens
             tokens.append((request.token_ids + request.draft_token_ids)[start : start + n])
             samples.append(len(request.draft_token_ids) + 1 if request.samples_after(n) else 0)
-        return build_step_layout(tokens, [r.num_computed_tokens for r in out.requests],
-                                 [r.block_ids for r in out.requests], samples, self.block_size, self.device)
+        return build_step_layout(
+            tokens,
+            [r.num_computed_tokens for r in out.requests],
+            [r.block_ids for r in out.requests],
+            samples,
+            self.block_size,
+            self.device,
+        )
 
     @torch.inference_mode()
     def forward(self, layout: StepLayout) -> torch.Tensor:

@@ -49,8 +49,11 @@ class OutputProcessor:
     def new_sample(self, request: Request) -> Sample:
         detokenizer = None
         if self.tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
-                                                 skip_special_tokens=request.params.skip_special_tokens)
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                request.prompt_token_ids,
+                skip_special_tokens=request.params.skip_special_tokens,
+            )
         return Sample(request, detokenizer)
 
     def add_tokens(self, sample: Sample) -> str | None:
@@ -74,25 +77,41 @@ class OutputProcessor:
         for index, sample in enumerate(parent.samples):
             request = sample.request
             tokens = request.output_token_ids
-            end = len(sample.text) if request.is_finished else len(sample.text) - _held_back(sample, parent.params)
-            completions.append(CompletionOutput(
-                index=index,
-                text=sample.text if request.is_finished else sample.text[:end],
-                token_ids=tokens,
-                finish_reason=request.finish_reason,
-                stop_reason=request.stop_reason,
-                logprobs=list(request.logprobs) if parent.params.logprobs is not None else None,
-                delta_text=sample.text[sample.sent_chars : end],
-                delta_token_ids=tokens[sample.sent_tokens :],
-            ))
+            end = (
+                len(sample.text)
+                if request.is_finished
+                else len(sample.text) - _held_back(sample, parent.params)
+            )
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=sample.text if request.is_finished else sample.text[:end],
+                    token_ids=tokens,
+                    finish_reason=request.finish_reason,
+                    stop_reason=request.stop_reason,
+                    logprobs=list(request.logprobs) if parent.params.logprobs is not None else None,
+                    delta_text=sample.text[sample.sent_chars : end],
+                    delta_token_ids=tokens[sample.sent_tokens :],
+                )
+            )
             if not final_only:
                 sample.sent_chars, sample.sent_tokens = max(end, sample.sent_chars), len(tokens)
         first = parent.samples[0].request
         times = [s.request.first_token_time for s in parent.samples if s.request.first_token_time is not None]
-        metrics = RequestMetrics(parent.arrival_time, min(times) if times else None,
-                                 max(s.request.finish_time for s in parent.samples) if parent.finished else None)
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
-                             parent.finished, metrics, first.num_cached_tokens)
+        metrics = RequestMetrics(
+            parent.arrival_time,
+            min(times) if times else None,
+            max(s.request.finish_time for s in parent.samples) if parent.finished else None,
+        )
+        return RequestOutput(
+            parent.request_id,
+            parent.prompt,
+            parent.prompt_token_ids,
+            completions,
+            parent.finished,
+            metrics,
+            first.num_cached_tokens,
+        )
 
 
 def _cut_at_stop(sample: Sample, params: SamplingParams, seen: int) -> str | None:

@@ -21,7 +21,9 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, dict[int, float] | None]]:
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> list[tuple[int, dict[int, float] | None]]:
         """logits [S, vocab] of the S requests that sample -> (token id, logprobs or None) per request."""
         logits = logits.float()
         raw = logits
@@ -94,7 +96,9 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     outputs = [requests[i].output_token_ids for i in rows]
     width = max(1, max(len(o) for o in outputs))
     padded = torch.tensor([o + [vocab] * (width - len(o)) for o in outputs], device=device)
-    counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float))
+    counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(
+        1, padded, torch.ones_like(padded, dtype=torch.float)
+    )
     counts = counts[:, :vocab]  # [R, vocab]: how often each token was produced
     params = [requests[i].params for i in rows]
     x = logits[rows]
@@ -131,7 +135,9 @@ def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch
     return torch.empty_like(x).scatter_(1, order, sorted_x)
 
 
-def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, token_list: list[int], wanted: list[int | None]) -> list[dict[int, float] | None]:
+def _logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, token_list: list[int], wanted: list[int | None]
+) -> list[dict[int, float] | None]:
     """Per row: {token: logprob} of the sampled token and the `wanted` most likely, or None."""
     rows = [i for i, k in enumerate(wanted) if k is not None]
     result: list[dict[int, float] | None] = [None] * len(wanted)

@@ -120,7 +120,9 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     # ------------------------------------------------------------------ after the step
-    def update(self, out: SchedulerOutput, sampled: dict[Request, list[tuple[int, dict[int, float] | None]]]) -> None:
+    def update(
+        self, out: SchedulerOutput, sampled: dict[Request, list[tuple[int, dict[int, float] | None]]]
+    ) -> None:
         """Advance the computed tokens, append each request's accepted tokens (checking stop conditions token
         by token), roll back drafts that were computed but not accepted, and finish requests that stop.
 

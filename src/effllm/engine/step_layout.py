@@ -72,7 +72,9 @@ def build_step_layout(
     starts = [0]
     sample_rows: list[int] = []
     seq_lens = []
-    for tokens, start, blocks, samples in zip(token_ids, num_computed, block_tables, sample_counts, strict=True):
+    for tokens, start, blocks, samples in zip(
+        token_ids, num_computed, block_tables, sample_counts, strict=True
+    ):
         end = start + len(tokens)
         ids += tokens
         positions += range(start, end)

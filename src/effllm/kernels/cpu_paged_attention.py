@@ -21,7 +21,9 @@ import torch
 from effllm.kernels.cpu.build import load_kernel
 
 _p, _i = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {"paged_decode_f32": ([_p, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, ctypes.c_float, _i, _i, _p], None)}
+_SIGNATURES = {
+    "paged_decode_f32": ([_p, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, ctypes.c_float, _i, _i, _p], None)
+}
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -68,8 +70,20 @@ def paged_decode_attention_cpu(
     q, block_tables = q.contiguous(), block_tables.contiguous()
     b, h, d = q.shape
     out = torch.empty_like(q)
-    args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-            lens.data_ptr(), lo.data_ptr(), h, k_cache.shape[2], d, k_cache.shape[1], scale)
+    args = (
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.shape[1],
+        lens.data_ptr(),
+        lo.data_ptr(),
+        h,
+        k_cache.shape[2],
+        d,
+        k_cache.shape[1],
+        scale,
+    )
     if len(splits) > 1 and _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="effllm-attn")
     kernel = _library().paged_decode_f32

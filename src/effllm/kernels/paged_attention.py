@@ -29,8 +29,9 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store new keys and values k, v [tokens, kv_heads, head_dim] at flat slots slot_mapping [tokens]."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
@@ -62,7 +63,9 @@ def paged_decode_attention(
     k = gather_kv(k_cache, block_tables).transpose(1, 2)  # [B, kv_heads, keys, D]
     v = gather_kv(v_cache, block_tables).transpose(1, 2)
     # The G query heads sharing a kv head become G queries of one head: no repeat of k and v.
-    out = F.scaled_dot_product_attention(q.view(b, kv_heads, h // kv_heads, d), k, v, attn_mask=key_mask, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q.view(b, kv_heads, h // kv_heads, d), k, v, attn_mask=key_mask, scale=scale
+    )
     return out.reshape(b, h, d)
 
 
@@ -81,7 +84,9 @@ def paged_prefill_attention(
     """
     t = q.shape[0]
     kv_len = q_start + t
-    first = 0 if window is None else max(0, q_start - window + 1) // k_cache.shape[1]  # first block in the window
+    first = (
+        0 if window is None else max(0, q_start - window + 1) // k_cache.shape[1]
+    )  # first block in the window
     k = gather_kv(k_cache, block_ids[first:])[None, : kv_len - first * k_cache.shape[1]]
     v = gather_kv(v_cache, block_ids[first:])[None, : kv_len - first * k_cache.shape[1]]
     offset = first * k_cache.shape[1]
@@ -89,8 +94,9 @@ def paged_prefill_attention(
     return sdpa_attention(q[None], k, v, scale=scale, mask=mask)[0]
 
 
-def decode_key_mask(context_lens: torch.Tensor, first_positions: torch.Tensor | None, num_keys: int,
-                    window: int | None) -> torch.Tensor:
+def decode_key_mask(
+    context_lens: torch.Tensor, first_positions: torch.Tensor | None, num_keys: int, window: int | None
+) -> torch.Tensor:
     """Key mask [B, 1, 1, num_keys] for `paged_decode_attention`.
 
     Gathered key j of row i sits at absolute position first_positions[i] + j (0 when None); the query is
@@ -111,11 +117,30 @@ if triton is not None:
 
     @triton.jit
     def _paged_attention_kernel(
-        Q, K, V, Out, BLOCK_TABLES, SEQ_IDS, POSITIONS,
-        scale, window,
-        stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+        Q,
+        K,
+        V,
+        Out,
+        BLOCK_TABLES,
+        SEQ_IDS,
+        POSITIONS,
+        scale,
+        window,
+        stride_qt,
+        stride_qh,
+        stride_ot,
+        stride_oh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
+        stride_bt,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
     ):
         token = tl.program_id(0)
@@ -128,8 +153,11 @@ if triton is not None:
         g_ok = g < GROUP
         d_ok = d < HEAD_DIM
         heads = kv_head * GROUP + g
-        q = tl.load(Q + token * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [GROUP_PAD, DIM_PAD]
+        q = tl.load(
+            Q + token * stride_qt + heads[:, None] * stride_qh + d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [GROUP_PAD, DIM_PAD]
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
@@ -140,21 +168,30 @@ if triton is not None:
             key_pos = blk * BLOCK_SIZE + s
             visible = (key_pos <= pos) & (key_pos >= lo)
             kv_mask = visible[:, None] & d_ok[None, :]
-            k = tl.load(K + block * stride_kb + s[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
-                        mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_SIZE, DIM_PAD]
+            k = tl.load(
+                K + block * stride_kb + s[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            ).to(tl.float32)  # [BLOCK_SIZE, DIM_PAD]
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_SIZE]
             scores = tl.where(visible[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(V + block * stride_vb + s[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
-                        mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(
+                V + block * stride_vb + s[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            ).to(tl.float32)
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m = m_new
         out = acc / l_sum[:, None]
-        tl.store(Out + token * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(
+            Out + token * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=g_ok[:, None] & d_ok[None, :],
+        )
 
 
 def paged_attention_triton(
@@ -181,12 +218,30 @@ def paged_attention_triton(
     group = h // kv_heads
     out = torch.empty_like(q)
     _paged_attention_kernel[(t, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, seq_ids, positions,
-        scale, window if window is not None else 1 << 30,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=d, DIM_PAD=triton.next_power_of_2(d),
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_ids,
+        positions,
+        scale,
+        window if window is not None else 1 << 30,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=triton.next_power_of_2(group),
+        HEAD_DIM=d,
+        DIM_PAD=triton.next_power_of_2(d),
         BLOCK_SIZE=block_size,
     )
     return out

@@ -5,4 +5,12 @@ from effllm.models.config import ModelConfig
 from effllm.models.tokenizer import Tokenizer, load_tokenizer
 from effllm.models.transformer import CausalLM
 
-__all__ = ["CausalLM", "ModelConfig", "Tokenizer", "load_config", "load_model", "load_tokenizer", "save_model"]
+__all__ = [
+    "CausalLM",
+    "ModelConfig",
+    "Tokenizer",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "save_model",
+]

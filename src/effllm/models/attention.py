@@ -20,7 +20,14 @@ from effllm.models.rope import apply_rotary
 
 class AttentionBackend(Protocol):
     def __call__(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None, scale: float
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        window: int | None,
+        scale: float,
     ) -> torch.Tensor:
         """q: [B, T, H, D]; k, v: [B, T, Hkv, D] for the new tokens. Returns [B, T, H, D]."""
         ...
@@ -35,7 +42,11 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.window = config.sliding_windows[layer_idx]
-        h, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        h, q_dim, kv_dim = (
+            config.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
         self.q_proj = nn.Linear(h, q_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)

@@ -34,7 +34,9 @@ def weight_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError):
-            raise CheckpointError(f"{index} is not a valid safetensors index; re-download the checkpoint") from None
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index; re-download the checkpoint"
+            ) from None
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         missing = [p.name for p in files if not p.exists()]
         if missing:
@@ -85,15 +87,19 @@ def load_model(
             if name not in expected:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
-                raise CheckpointError(f"{file.name}: unexpected tensor {name}; is this a {config.model_type} model?")
+                raise CheckpointError(
+                    f"{file.name}: unexpected tensor {name}; is this a {config.model_type} model?"
+                )
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise CheckpointError(
                     f"{file.name}: {name} has shape {tuple(tensor.shape)}, config.json implies "
                     f"{tuple(expected[name].shape)}; the checkpoint and its config disagree"
                 )
             if tensor.is_floating_point() != expected[name].is_floating_point():
-                raise CheckpointError(f"{file.name}: {name} is {tensor.dtype}, its layout needs {expected[name].dtype}; "
-                                      "the checkpoint and its config.json disagree")
+                raise CheckpointError(
+                    f"{file.name}: {name} is {tensor.dtype}, its layout needs {expected[name].dtype}; "
+                    "the checkpoint and its config.json disagree"
+                )
             _assign(model, name, tensor)
             loaded.add(name)
     if config.tie_word_embeddings:
@@ -101,7 +107,9 @@ def load_model(
         loaded.add("lm_head.weight")
     missing = sorted(set(expected) - loaded)
     if missing:
-        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        raise CheckpointError(
+            f"{folder}: missing tensors {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        )
     # Non-persistent buffers (rotary frequencies) are computed, not loaded.
     model.model.rotary_emb = RotaryEmbedding(config).to(target_device)
     config.torch_dtype = dtype_name(target_dtype)

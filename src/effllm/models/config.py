@@ -102,11 +102,19 @@ class ModelConfig:
             raise ConfigError(
                 f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_hidden_layers} layers"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.partial_rotary_factor != 1.0:
-            raise ConfigError("partial_rotary_factor other than 1.0 is not supported by the Llama-family core")
+            raise ConfigError(
+                "partial_rotary_factor other than 1.0 is not supported by the Llama-family core"
+            )
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -141,7 +149,9 @@ class ModelConfig:
         """Build from the dict of a Hugging Face config.json (llama, qwen2 or mistral)."""
         model_type = raw.get("model_type")
         if model_type is None:
-            raise ConfigError("config.json has no model_type; EffLLM needs one of " + ", ".join(SUPPORTED_MODEL_TYPES))
+            raise ConfigError(
+                "config.json has no model_type; EffLLM needs one of " + ", ".join(SUPPORTED_MODEL_TYPES)
+            )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported; EffLLM runs "
@@ -161,8 +171,16 @@ class ModelConfig:
             raise ConfigError(f"config.json lacks the required key {e.args[0]!r}") from None
         kwargs["num_key_value_heads"] = raw.get("num_key_value_heads") or kwargs["num_attention_heads"]
         kwargs["head_dim"] = raw.get("head_dim")
-        for key in ("max_position_embeddings", "rms_norm_eps", "initializer_range", "bos_token_id",
-                    "eos_token_id", "pad_token_id", "tie_word_embeddings", "hidden_act"):
+        for key in (
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "initializer_range",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "tie_word_embeddings",
+            "hidden_act",
+        ):
             if raw.get(key) is not None:
                 kwargs[key] = raw[key]
         kwargs["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype")
@@ -189,7 +207,9 @@ class ModelConfig:
         except FileNotFoundError:
             raise ConfigError(f"no config.json at {path}; pass a Hugging Face model folder") from None
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace it") from None
+            raise ConfigError(
+                f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or replace it"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_hf_dict(raw)
@@ -229,13 +249,15 @@ class ModelConfig:
             out["sliding_window"] = next(iter(windows)) if len(windows) == 1 else None
         elif self.model_type == "qwen2":
             window = next((w for w in self.sliding_windows if w is not None), None)
-            first_sliding = next((i for i, w in enumerate(self.sliding_windows) if w is not None),
-                                 self.num_hidden_layers)
+            first_sliding = next(
+                (i for i, w in enumerate(self.sliding_windows) if w is not None), self.num_hidden_layers
+            )
             out["use_sliding_window"] = window is not None
             out["sliding_window"] = window
             out["max_window_layers"] = first_sliding
-            out["layer_types"] = ["full_attention" if w is None else "sliding_attention"
-                                  for w in self.sliding_windows]
+            out["layer_types"] = [
+                "full_attention" if w is None else "sliding_attention" for w in self.sliding_windows
+            ]
         if self.effllm:
             out["effllm"] = dict(self.effllm)
         return out

@@ -81,7 +81,9 @@ class RotaryEmbedding(nn.Module):
         elif self.rope_type == "llama3":
             inv_freq = _llama3(inv_freq, self.scaling)
         elif self.rope_type == "yarn":
-            inv_freq, self.attention_factor = _yarn(self.theta, self.dim, self.scaling, self.max_position_embeddings)
+            inv_freq, self.attention_factor = _yarn(
+                self.theta, self.dim, self.scaling, self.max_position_embeddings
+            )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:

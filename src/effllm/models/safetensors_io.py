@@ -44,7 +44,9 @@ def read_header(path: Path) -> tuple[dict, int]:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} has a corrupt safetensors header; re-download or re-save it") from None
+            raise CheckpointError(
+                f"{path} has a corrupt safetensors header; re-download or re-save it"
+            ) from None
     header.pop("__metadata__", None)
     data_start = 8 + n
     end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
@@ -72,7 +74,9 @@ def iter_tensors(
             if t.numel():
                 buf = t.view(-1).view(torch.uint8).numpy()
                 if f.readinto(memoryview(buf)) != end - begin:
-                    raise CheckpointError(f"{path} is truncated inside tensor {name}; re-download or re-save it")
+                    raise CheckpointError(
+                        f"{path} is truncated inside tensor {name}; re-download or re-save it"
+                    )
             if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
             if torch.device(device).type != "cpu":

@@ -33,7 +33,6 @@ _STANDARD_SPECIAL_TOKENS = (
 _ADDED_TOKEN_FLAGS = ("lstrip", "rstrip", "single_word", "normalized", "special")
 
 
-
 class Tokenizer:
     """Text to token ids and back, plus chat prompts; see `load_tokenizer`.
 

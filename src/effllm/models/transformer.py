@@ -119,7 +119,10 @@ class CausalLM(nn.Module):
             layer.dropout = p
 
     def hidden_states(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, attn: AttentionBackend | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn: AttentionBackend | None = None,
     ) -> torch.Tensor:
         """input_ids: [B, T] -> final normed hidden states [B, T, hidden]."""
         if positions is None:
@@ -131,7 +134,10 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, attn: AttentionBackend | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn: AttentionBackend | None = None,
     ) -> torch.Tensor:
         """input_ids: [B, T] token ids -> logits [B, T, vocab]."""
         return self.logits(self.hidden_states(input_ids, positions, attn))

@@ -53,9 +53,16 @@ _DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) this much of an oversized bod
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def build_app(engine: Any, *, served_model_names: list[str] | str | None = None, api_key: str | None = None,
-              max_queue: int | None = None, request_timeout: float | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_root: str | None = None) -> FastAPI:
+def build_app(
+    engine: Any,
+    *,
+    served_model_names: list[str] | str | None = None,
+    api_key: str | None = None,
+    max_queue: int | None = None,
+    request_timeout: float | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    model_root: str | None = None,
+) -> FastAPI:
     """A FastAPI app serving `engine` (an `LLMEngine` with a tokenizer) under OpenAI's API.
 
     served_model_names: the names clients pass as `model` (the first is the one listed); api_key: the
@@ -67,11 +74,16 @@ def build_app(engine: Any, *, served_model_names: list[str] | str | None = None,
     names = [served_model_names] if isinstance(served_model_names, str) else list(served_model_names or [])
     names = names or [model_root or "effllm"]
     async_engine = AsyncEngine(engine, max_queue=max_queue, request_timeout=request_timeout)
-    metrics = ServerMetrics(names[0], running=lambda: async_engine.num_requests()[0],
-                            waiting=lambda: async_engine.num_requests()[1], kv_usage=async_engine.kv_cache_usage)
+    metrics = ServerMetrics(
+        names[0],
+        running=lambda: async_engine.num_requests()[0],
+        waiting=lambda: async_engine.num_requests()[1],
+        kv_usage=async_engine.kv_cache_usage,
+    )
     async_engine.metrics = metrics
-    served = Served(async_engine, engine.tokenizer, names[0], engine.config.max_model_len,
-                    engine.model.config.vocab_size)
+    served = Served(
+        async_engine, engine.tokenizer, names[0], engine.config.max_model_len, engine.model.config.vocab_size
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -79,8 +91,14 @@ def build_app(engine: Any, *, served_model_names: list[str] | str | None = None,
         yield
         await async_engine.shutdown()
 
-    app = FastAPI(title="EffLLM", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="EffLLM",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.served, app.state.engine, app.state.metrics = served, async_engine, metrics
     _add_error_handlers(app)
     app.include_router(_public_routes(async_engine, metrics))
@@ -121,8 +139,9 @@ def _api_routes(served: Served, names: list[str], model_root: str | None) -> API
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in names:
-            raise ModelNotFoundError(f"the model '{name}' does not exist; this server serves {names}",
-                                     param="model")
+            raise ModelNotFoundError(
+                f"the model '{name}' does not exist; this server serves {names}", param="model"
+            )
 
     @router.get("/v1/models")
     async def list_models() -> dict:
@@ -151,8 +170,10 @@ def _api_routes(served: Served, names: list[str], model_root: str | None) -> API
         check_model(body.model)
         tokenizer = served.tokenizer
         if body.messages is not None:
-            text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
-                                                 add_generation_prompt=body.add_generation_prompt)
+            text = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text()} for m in body.messages],
+                add_generation_prompt=body.add_generation_prompt,
+            )
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -164,7 +185,9 @@ def _api_routes(served: Served, names: list[str], model_root: str | None) -> API
         check_model(body.model)
         bad = next((t for t in body.tokens if t >= served.vocab_size), None)
         if bad is not None:
-            raise APIError(f"token id {bad} is outside the vocabulary [0, {served.vocab_size})", param="tokens")
+            raise APIError(
+                f"token id {bad} is outside the vocabulary [0, {served.vocab_size})", param="tokens"
+            )
         return {"prompt": served.tokenizer.decode(body.tokens)}
 
     return router
@@ -178,7 +201,9 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
     except (ValueError, RecursionError) as e:  # ValueError covers JSONDecodeError and bad UTF-8
         raise APIError(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise APIError(f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
+        raise APIError(
+            f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_json"
+        )
     return model.model_validate(data)
 
 
@@ -190,7 +215,9 @@ def _key_checker(api_key: str | None):
             return
         given = request.headers.get("authorization", "").strip().encode()
         if not hmac.compare_digest(given, expected):
-            raise AuthenticationError("missing or wrong API key; send the header 'Authorization: Bearer <key>'")
+            raise AuthenticationError(
+                "missing or wrong API key; send the header 'Authorization: Bearer <key>'"
+            )
 
     return check
 
@@ -205,7 +232,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return from_validation_error(ValidationError.from_exception_data("request", exc.errors()))
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return error_response(
+            exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+        )
 
     app.add_exception_handler(EffLLMError, on_error)
     app.add_exception_handler(ValidationError, on_error)
@@ -229,7 +258,9 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             await self._drain(receive)
-            return await error_response(413, self._message(), code=PayloadTooLargeError.code)(scope, receive, send)
+            return await error_response(413, self._message(), code=PayloadTooLargeError.code)(
+                scope, receive, send
+            )
         received = 0
 
         async def counted() -> Message:
@@ -279,8 +310,18 @@ class RequestLog:
             await self.app(scope, receive, send_and_note)
         finally:
             usage = scope.get("effllm.usage")
-            tokens = "" if usage is None else (
-                f" prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}")
+            tokens = (
+                ""
+                if usage is None
+                else (f" prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}")
+            )
             client = scope.get("client") or ("-", 0)
-            logger.info("%s %s %s %d%s %.3fs", client[0], scope["method"], scope["path"], status, tokens,
-                        time.perf_counter() - start)
+            logger.info(
+                "%s %s %s %d%s %.3fs",
+                client[0],
+                scope["method"],
+                scope["path"],
+                status,
+                tokens,
+                time.perf_counter() - start,
+            )

@@ -103,8 +103,14 @@ class AsyncEngine:
     aborts a request that runs longer (a 408). Call `start` inside the event loop, `shutdown` to stop.
     """
 
-    def __init__(self, engine: Any, *, max_queue: int | None = None, request_timeout: float | None = None,
-                 metrics: ServerMetrics | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_queue: int | None = None,
+        request_timeout: float | None = None,
+        metrics: ServerMetrics | None = None,
+    ):
         self.engine = engine
         self.max_queue = max_queue
         self.request_timeout = request_timeout
@@ -151,9 +157,13 @@ class AsyncEngine:
     def submit(self, prompts: list[list[int]], params: SamplingParams) -> RequestStream:
         """Queue prompts (token ids) with one set of sampling params; raises 429/503 errors at once."""
         if not self.healthy:
-            raise ServerUnavailableError("the engine is not running (it failed or is shutting down); retry later")
+            raise ServerUnavailableError(
+                "the engine is not running (it failed or is shutting down); retry later"
+            )
         if self.max_queue is not None and self._num_queued >= self.max_queue:
-            raise QueueFullError(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
+            raise QueueFullError(
+                f"the server's queue is full ({self.max_queue} requests waiting); retry later"
+            )
         self.start()
         base = f"r{next(self._ids)}"
         stream = _Stream([f"{base}-{i}" for i in range(len(prompts))])

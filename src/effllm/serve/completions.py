@@ -48,8 +48,15 @@ from effllm.serve.protocol import (
 )
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; only the request log sees it
-_RESERVED_TEMPLATE_KEYS = {"messages", "add_generation_prompt", "continue_final_message", "tokenize", "tools",
-                           "documents", "chat_template"}
+_RESERVED_TEMPLATE_KEYS = {
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "tools",
+    "documents",
+    "chat_template",
+}
 
 
 class ContextLengthError(APIError):
@@ -133,8 +140,11 @@ def chat_prompt(served: Served, req: ChatCompletionRequest) -> list[int]:
     if reserved:
         raise APIError(f"chat_template_kwargs may not set {sorted(reserved)}", param="chat_template_kwargs")
     text = served.tokenizer.apply_chat_template(
-        req.chat_messages(), add_generation_prompt=req.add_generation_prompt,
-        continue_final_message=req.continue_final_message, **kwargs)
+        req.chat_messages(),
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        **kwargs,
+    )
     ids = served.tokenizer.encode(text, add_special_tokens=False)
     check_prompt(served, ids, req.max_new_tokens(), "messages")
     return ids
@@ -157,8 +167,11 @@ class TokenText:
 
     def bytes(self, token_id: int) -> list[int]:
         piece = self.tokenizer.id_to_token(token_id) if self.byte_level else None
-        if piece is not None and token_id not in self.tokenizer.special_token_ids and all(
-                c in self.byte_of for c in piece):
+        if (
+            piece is not None
+            and token_id not in self.tokenizer.special_token_ids
+            and all(c in self.byte_of for c in piece)
+        ):
             return [self.byte_of[c] for c in piece]
         return list(self.text(token_id).encode("utf-8"))
 
@@ -167,8 +180,9 @@ def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
 
 
-def completion_logprobs(tokens: TokenText, ids: list[int], entries: list[dict[int, float]], k: int,
-                        offset: int) -> CompletionLogprobs:
+def completion_logprobs(
+    tokens: TokenText, ids: list[int], entries: list[dict[int, float]], k: int, offset: int
+) -> CompletionLogprobs:
     """OpenAI's legacy logprobs: parallel lists, top_logprobs as {token text: logprob} (k and the sampled)."""
     out = CompletionLogprobs()
     for token, entry in zip(ids, entries, strict=True):
@@ -186,15 +200,23 @@ def completion_logprobs(tokens: TokenText, ids: list[int], entries: list[dict[in
 def chat_logprobs(tokens: TokenText, ids: list[int], entries: list[dict[int, float]], k: int) -> ChatLogprobs:
     content = []
     for token, entry in zip(ids, entries, strict=True):
-        top = [TopLogprob(token=tokens.text(t), logprob=lp, bytes=tokens.bytes(t)) for t, lp in _top(entry, k)]
-        content.append(TokenLogprob(token=tokens.text(token), logprob=entry.get(token, float("-inf")),
-                                    bytes=tokens.bytes(token), top_logprobs=top))
+        top = [
+            TopLogprob(token=tokens.text(t), logprob=lp, bytes=tokens.bytes(t)) for t, lp in _top(entry, k)
+        ]
+        content.append(
+            TokenLogprob(
+                token=tokens.text(token),
+                logprob=entry.get(token, float("-inf")),
+                bytes=tokens.bytes(token),
+                top_logprobs=top,
+            )
+        )
     return ChatLogprobs(content=content)
 
 
 def _new_logprobs(c: CompletionOutput) -> list[dict[int, float]]:
     """Log-probabilities of the tokens this step added."""
-    return (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids):]
+    return (c.logprobs or [])[len(c.token_ids) - len(c.delta_token_ids) :]
 
 
 # ---------------------------------------------------------------- running a request
@@ -231,8 +253,11 @@ class SSEResponse(StreamingResponse):
 
     def __init__(self, body: AsyncIterator[str], stream: RequestStream):
         # no-cache and X-Accel-Buffering keep proxies (nginx) from holding events back
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -247,8 +272,13 @@ def _event(data: BaseModel | dict) -> str:
     return f"data: {body}\n\n"
 
 
-async def _events(stream: RequestStream, chunks: AsyncIterator[BaseModel], usage: _UsageCount,
-                  include_usage: bool, make_usage_chunk) -> AsyncIterator[str]:
+async def _events(
+    stream: RequestStream,
+    chunks: AsyncIterator[BaseModel],
+    usage: _UsageCount,
+    include_usage: bool,
+    make_usage_chunk,
+) -> AsyncIterator[str]:
     """Chunks as SSE lines, then the usage chunk if asked, then [DONE]; an error mid-stream is an event."""
     async with stream:
         try:
@@ -257,8 +287,14 @@ async def _events(stream: RequestStream, chunks: AsyncIterator[BaseModel], usage
             if include_usage:
                 yield _event(make_usage_chunk(usage.usage()))
         except EffLLMError as e:
-            yield _event(error_body(getattr(e, "http_status", 400), str(e), getattr(e, "param", None),
-                                    getattr(e, "code", None)))
+            yield _event(
+                error_body(
+                    getattr(e, "http_status", 400),
+                    str(e),
+                    getattr(e, "param", None),
+                    getattr(e, "code", None),
+                )
+            )
     yield "data: [DONE]\n\n"
 
 
@@ -293,8 +329,9 @@ async def create_completion(served: Served, req: CompletionRequest, request: Req
     if req.stream:
         chunks = _completion_chunks(served, req, stream, rid, created, echo, usage)
         include = bool(req.stream_options and req.stream_options.include_usage)
-        usage_chunk = functools.partial(CompletionResponse, id=rid, created=created, model=served.model_name,
-                                        choices=[])
+        usage_chunk = functools.partial(
+            CompletionResponse, id=rid, created=created, model=served.model_name, choices=[]
+        )
         return SSEResponse(_events(stream, chunks, usage, include, lambda u: usage_chunk(usage=u)), stream)
     async with stream:
         finals = await collect(stream, request)
@@ -306,17 +343,33 @@ async def create_completion(served: Served, req: CompletionRequest, request: Req
         for c in out.outputs:
             logprobs = None
             if req.logprobs is not None:
-                logprobs = completion_logprobs(served.tokens, c.token_ids, c.logprobs or [], req.logprobs,
-                                               len(echo[i]))
-            choices.append(CompletionChoice(index=i * req.n + c.index, text=echo[i] + c.text, logprobs=logprobs,
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-    body = CompletionResponse(id=rid, created=created, model=served.model_name, choices=choices,
-                              usage=usage.usage())
+                logprobs = completion_logprobs(
+                    served.tokens, c.token_ids, c.logprobs or [], req.logprobs, len(echo[i])
+                )
+            choices.append(
+                CompletionChoice(
+                    index=i * req.n + c.index,
+                    text=echo[i] + c.text,
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+    body = CompletionResponse(
+        id=rid, created=created, model=served.model_name, choices=choices, usage=usage.usage()
+    )
     return JSONResponse(body.model_dump())
 
 
-async def _completion_chunks(served: Served, req: CompletionRequest, stream: RequestStream, rid: str,
-                             created: int, echo: list[str], usage: _UsageCount) -> AsyncIterator[BaseModel]:
+async def _completion_chunks(
+    served: Served,
+    req: CompletionRequest,
+    stream: RequestStream,
+    rid: str,
+    created: int,
+    echo: list[str],
+    usage: _UsageCount,
+) -> AsyncIterator[BaseModel]:
     offsets: dict[int, int] = {}  # text emitted per choice, for logprobs' text_offset
     done: set[int] = set()
     async for i, out in stream:
@@ -329,15 +382,23 @@ async def _completion_chunks(served: Served, req: CompletionRequest, stream: Req
             offset = offsets.setdefault(index, 0)
             logprobs = None
             if req.logprobs is not None and c.delta_token_ids:
-                logprobs = completion_logprobs(served.tokens, c.delta_token_ids, _new_logprobs(c), req.logprobs,
-                                               offset + len(prefix))
+                logprobs = completion_logprobs(
+                    served.tokens, c.delta_token_ids, _new_logprobs(c), req.logprobs, offset + len(prefix)
+                )
             text = prefix + c.delta_text
             offsets[index] = offset + len(text)
             if c.finished:
                 done.add(index)
             if text or logprobs or c.finished:
-                choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                choices.append(
+                    CompletionChoice(
+                        index=index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
         if out.finished:
             usage.add_final(out)
         if choices:
@@ -357,8 +418,9 @@ async def create_chat_completion(served: Served, req: ChatCompletionRequest, req
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
         chunks = _chat_chunks(served, req, stream, rid, created, usage)
-        usage_chunk = functools.partial(ChatCompletionChunk, id=rid, created=created, model=served.model_name,
-                                        choices=[])
+        usage_chunk = functools.partial(
+            ChatCompletionChunk, id=rid, created=created, model=served.model_name, choices=[]
+        )
         return SSEResponse(_events(stream, chunks, usage, include, lambda u: usage_chunk(usage=u)), stream)
     async with stream:
         finals = await collect(stream, request)
@@ -368,23 +430,41 @@ async def create_chat_completion(served: Served, req: ChatCompletionRequest, req
     usage.add_final(out)
     choices = []
     for c in out.outputs:
-        logprobs = chat_logprobs(served.tokens, c.token_ids, c.logprobs or [], top) if top is not None else None
-        choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
-                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-    body = ChatCompletionResponse(id=rid, created=created, model=served.model_name, choices=choices,
-                                  usage=usage.usage())
+        logprobs = (
+            chat_logprobs(served.tokens, c.token_ids, c.logprobs or [], top) if top is not None else None
+        )
+        choices.append(
+            ChatChoice(
+                index=c.index,
+                message=ChatMessageOut(content=c.text),
+                logprobs=logprobs,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+        )
+    body = ChatCompletionResponse(
+        id=rid, created=created, model=served.model_name, choices=choices, usage=usage.usage()
+    )
     return JSONResponse(body.model_dump())
 
 
-async def _chat_chunks(served: Served, req: ChatCompletionRequest, stream: RequestStream, rid: str,
-                       created: int, usage: _UsageCount) -> AsyncIterator[BaseModel]:
+async def _chat_chunks(
+    served: Served,
+    req: ChatCompletionRequest,
+    stream: RequestStream,
+    rid: str,
+    created: int,
+    usage: _UsageCount,
+) -> AsyncIterator[BaseModel]:
     top = (req.top_logprobs or 0) if req.logprobs else None
 
     def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=rid, created=created, model=served.model_name, choices=choices)
 
     # OpenAI opens each choice with the assistant role and empty content.
-    yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(req.n)])
+    yield chunk(
+        [ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(req.n)]
+    )
     done: set[int] = set()
     async for _, out in stream:
         choices = []
@@ -397,8 +477,14 @@ async def _chat_chunks(served: Served, req: ChatCompletionRequest, stream: Reque
             if c.finished:
                 done.add(c.index)
             if c.delta_text or logprobs or c.finished:
-                choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=c.delta_text or None),
-                                               logprobs=logprobs, finish_reason=c.finish_reason))
+                choices.append(
+                    ChatChunkChoice(
+                        index=c.index,
+                        delta=DeltaMessage(content=c.delta_text or None),
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                    )
+                )
         if out.finished:
             usage.add_final(out)
         if choices:

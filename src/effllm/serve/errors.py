@@ -13,9 +13,16 @@ from pydantic import ValidationError
 
 from effllm.core.errors import EffLLMError
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 class APIError(EffLLMError):
@@ -66,12 +73,22 @@ class EngineFailedError(APIError):
     code = "engine_error"
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
@@ -93,15 +110,22 @@ def from_validation_error(exc: ValidationError) -> JSONResponse:
     param = ".".join(part for part in loc if not _is_type_tag(part)) or None
     message = first.get("msg", "invalid request")
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
     if param:
         message = f"{param}: {message}"
     return error_response(400, message, param=param, code="invalid_value")
 
 
-_TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
-               "bool_type": "a boolean", "list_type": "a list", "dict_type": "an object",
-               "model_type": "an object", "model_attributes_type": "an object"}
+_TYPE_NAMES = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
 
 
 def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -127,4 +151,8 @@ def _field(loc: tuple) -> tuple:
 
 
 def _is_type_tag(part: str) -> bool:
-    return part in ("str", "int", "float", "bool", "list", "dict") or "[" in part or part.startswith("constrained-")
+    return (
+        part in ("str", "int", "float", "bool", "list", "dict")
+        or "[" in part
+        or part.startswith("constrained-")
+    )

@@ -28,8 +28,12 @@ _CANCEL_AFTER_ABORT = 5.0  # seconds aborted handlers get to answer before uvico
 class Server(uvicorn.Server):
     """uvicorn's server, exiting normally after a signal; `port` is the bound port once started."""
 
-    def __init__(self, config: uvicorn.Config, shutdown_timeout: float | None = None,
-                 on_shutdown_timeout: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        shutdown_timeout: float | None = None,
+        on_shutdown_timeout: Callable[[], None] | None = None,
+    ):
         super().__init__(config)
         self.port: int | None = None
         self.shutdown_timeout = shutdown_timeout
@@ -66,13 +70,23 @@ class Server(uvicorn.Server):
 
     def _abort_in_flight(self) -> None:
         if self.server_state.tasks:
-            logger.warning("aborting %d request(s) still running after %g s", len(self.server_state.tasks),
-                           self.shutdown_timeout)
+            logger.warning(
+                "aborting %d request(s) still running after %g s",
+                len(self.server_state.tasks),
+                self.shutdown_timeout,
+            )
         self.on_shutdown_timeout()
 
 
-def make_server(app, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float | None = 30.0,
-                on_shutdown_timeout: Callable[[], None] | None = None, log_level: str = "info") -> Server:
+def make_server(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    shutdown_timeout: float | None = 30.0,
+    on_shutdown_timeout: Callable[[], None] | None = None,
+    log_level: str = "info",
+) -> Server:
     """A server for `app` (port 0 picks a free one; read `server.port` once `server.started`).
 
     shutdown_timeout: seconds in-flight requests get after a signal (None: as long as they need);
@@ -81,13 +95,34 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, *, shutdown_time
     hard_limit = None
     if shutdown_timeout is not None:
         hard_limit = shutdown_timeout + (_CANCEL_AFTER_ABORT if on_shutdown_timeout is not None else 0)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=hard_limit, log_config=None)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=hard_limit,
+        log_config=None,
+    )
     return Server(config, shutdown_timeout, on_shutdown_timeout)
 
 
-def run_server(app, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float | None = 30.0,
-               on_shutdown_timeout: Callable[[], None] | None = None, log_level: str = "info") -> None:
+def run_server(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    shutdown_timeout: float | None = 30.0,
+    on_shutdown_timeout: Callable[[], None] | None = None,
+    log_level: str = "info",
+) -> None:
     """Serve `app` until SIGTERM or Ctrl-C, then shut down gracefully and return."""
-    make_server(app, host, port, shutdown_timeout=shutdown_timeout, on_shutdown_timeout=on_shutdown_timeout,
-                log_level=log_level).run()
+    make_server(
+        app,
+        host,
+        port,
+        shutdown_timeout=shutdown_timeout,
+        on_shutdown_timeout=on_shutdown_timeout,
+        log_level=log_level,
+    ).run()

@@ -67,9 +67,18 @@ def remove_partial_checkpoints(out: str | os.PathLike) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_checkpoint(out: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, trainer_state: dict[str, Any], rank_state: dict[str, Any],
-                    env: Distributed, tokenizer: Any = None, keep_last: int = 2) -> Path:
+def save_checkpoint(
+    out: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    env: Distributed,
+    tokenizer: Any = None,
+    keep_last: int = 2,
+) -> Path:
     """Write checkpoint `step` (every process calls this), then keep only the newest `keep_last`."""
     root = Path(out) / CHECKPOINTS
     final, staging = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
@@ -83,8 +92,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, model: nn.Module, optimiz
         _save_sharded(model, optimizer, staging / SHARDED_DIR)
     elif env.is_main:
         _save_torch({"optimizer": optimizer.state_dict()}, staging / OPTIMIZER_FILE)
-    _save_torch({**rank_state, "rng": rng_state(), "scheduler": scheduler.state_dict()},
-                staging / f"rank-{env.rank}.pt")
+    _save_torch(
+        {**rank_state, "rng": rng_state(), "scheduler": scheduler.state_dict()},
+        staging / f"rank-{env.rank}.pt",
+    )
     env.barrier()
     if env.is_main:
         _write_json(staging / STATE_FILE, trainer_state)
@@ -106,8 +117,9 @@ def save_full_model(model: nn.Module, folder: Path, env: Distributed, tokenizer:
         save_model(unwrap(model), folder, tokenizer=tokenizer)
 
 
-def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                        env: Distributed) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_training_state(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, env: Distributed
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore optimizer, scheduler and RNG (and the sharded model under FSDP) from checkpoint `folder`.
 
     Returns (trainer_state, this rank's state). The weights of a non-FSDP run are loaded by building the

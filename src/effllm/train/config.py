@@ -30,13 +30,23 @@ class TrainConfig:
     """Options of one training run (pretraining or fine-tuning)."""
 
     # ---------------------------------------------------------------- model
-    model: str | None = option(None, "checkpoint folder or hub id to start from (default: the embedded default model)")
-    model_config: str | None = option(None, "config.json of a new model trained from scratch (needs --tokenizer)")
+    model: str | None = option(
+        None, "checkpoint folder or hub id to start from (default: the embedded default model)"
+    )
+    model_config: str | None = option(
+        None, "config.json of a new model trained from scratch (needs --tokenizer)"
+    )
     tokenizer: str | None = option(None, "tokenizer folder (default: the --model's own)")
     # ---------------------------------------------------------------- data
-    data: list[str] = option([], "training data: text files, folders, jsonl with a text field, chat jsonl (messages)", metavar="PATH")
+    data: list[str] = option(
+        [],
+        "training data: text files, folders, jsonl with a text field, chat jsonl (messages)",
+        metavar="PATH",
+    )
     eval_data: list[str] = option([], "held-out data (default: --eval-fraction of --data)", metavar="PATH")
-    eval_fraction: float = option(0.01, "fraction of the packed sequences held out for evaluation when no --eval-data")
+    eval_fraction: float = option(
+        0.01, "fraction of the packed sequences held out for evaluation when no --eval-data"
+    )
     text_field: str = option("text", "the field of a jsonl record that holds its text")
     cache_dir: str | None = option(None, "where tokenized shards are cached (default OUT/cache)")
     out: str | None = option(None, "run folder: checkpoints, metrics, and the final model")
@@ -46,9 +56,13 @@ class TrainConfig:
     batch_size: int = option(8, "sequences per micro-batch, per process")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     # ---------------------------------------------------------------- optimizer and schedule
-    optimizer: str = option("adamw", f"optimizer, one of {', '.join(list_optimizers())} (effllm.optim."
-                            "list_optimizers describes each)")
-    optimizer_options: dict[str, Any] = option({}, "optimizer options as KEY=VALUE (e.g. betas=[0.9,0.95] rank=128)")
+    optimizer: str = option(
+        "adamw",
+        f"optimizer, one of {', '.join(list_optimizers())} (effllm.optim.list_optimizers describes each)",
+    )
+    optimizer_options: dict[str, Any] = option(
+        {}, "optimizer options as KEY=VALUE (e.g. betas=[0.9,0.95] rank=128)"
+    )
     lr: float = option(3e-4, "peak learning rate")
     weight_decay: float = option(0.0, "decoupled weight decay (not applied to norms and biases)")
     warmup_steps: int = option(0, "linear warmup steps")
@@ -58,18 +72,26 @@ class TrainConfig:
     # ---------------------------------------------------------------- numerics and memory
     precision: str = option("fp32", "fp32, or bf16 autocast over fp32 weights", PRECISIONS)
     activation_checkpointing: bool = option(False, "recompute decoder layers in the backward pass")
-    dropout: float = option(0.0, "dropout on the embeddings and each residual branch while training (0 = off)")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA when available; torchrun: the local rank's GPU)")
+    dropout: float = option(
+        0.0, "dropout on the embeddings and each residual branch while training (0 = off)"
+    )
+    device: str | None = option(
+        None, "cpu, cuda or cuda:N (default: CUDA when available; torchrun: the local rank's GPU)"
+    )
     parallel: str = option("ddp", "how torchrun processes share the model", PARALLEL)
     # ---------------------------------------------------------------- evaluation, checkpoints, output
     eval_every: int = option(0, "evaluate held-out perplexity every N steps (0 = only at the end)")
     eval_batches: int = option(0, "most held-out micro-batches per evaluation (0 = all)")
     save_every: int = option(0, "save a resumable checkpoint every N steps (0 = only the final model)")
     keep_last: int = option(2, "checkpoints kept; older ones are deleted")
-    resume: bool = option(False, "continue the run in --out from its latest checkpoint (fresh start when it has none)")
+    resume: bool = option(
+        False, "continue the run in --out from its latest checkpoint (fresh start when it has none)"
+    )
     seed: int = option(0, "seed of the initial weights, the data order and every random choice")
     log_every: int = option(10, "print a progress line every N steps when stderr is not a terminal")
-    peak_tflops: float | None = option(None, "peak TFLOP/s per process for model FLOPs utilisation (default: detected)")
+    peak_tflops: float | None = option(
+        None, "peak TFLOP/s per process for model FLOPs utilisation (default: detected)"
+    )
     tensorboard: bool = option(True, "also log to TensorBoard under OUT/tensorboard when it is installed")
     # ---------------------------------------------------------------- training methods
     method: str | None = option(None, "training method plugged into the loop (see effllm.train.methods)")
@@ -105,7 +127,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in raw:
             if str(key).replace("-", "_") not in known:
-                raise ConfigError(f"{path}: unknown option {key!r}; the options are the flags of `effllm train`")
+                raise ConfigError(
+                    f"{path}: unknown option {key!r}; the options are the flags of `effllm train`"
+                )
         merged = {str(k).replace("-", "_"): v for k, v in raw.items()}
         for key, value in (overrides or {}).items():
             key = key.replace("-", "_")
@@ -124,7 +148,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError on options that cannot make a run (files are checked when they are opened)."""
         if self.model and self.model_config:
-            raise ConfigError("pass one of --model (a checkpoint to start from) or --model-config (a new model), not both")
+            raise ConfigError(
+                "pass one of --model (a checkpoint to start from) or --model-config (a new model), not both"
+            )
         if self.model_config and not self.tokenizer:
             raise ConfigError("--model-config needs --tokenizer (make one with `effllm tokenizer train`)")
         if not self.data:
@@ -136,7 +162,9 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_batches", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}"
+                )
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:
@@ -150,8 +178,10 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                  f"got {getattr(self, f.name)!r}")
+                raise ConfigError(
+                    f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                    f"got {getattr(self, f.name)!r}"
+                )
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -32,8 +32,9 @@ class TrainData:
         """Training sequences first .. first + size - 1 of the shuffled order."""
         return self.train.batch([self.order[first + j] for j in range(size)])
 
-    def held_out_batches(self, batch_size: int, rank: int = 0, world_size: int = 1,
-                         max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def held_out_batches(
+        self, batch_size: int, rank: int = 0, world_size: int = 1, max_batches: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """This process's share of the held-out sequences, `batch_size` at a time.
 
         Every process yields the same number of batches (FSDP's forward is collective): one that runs out
@@ -45,7 +46,7 @@ class TrainData:
         mine = indices[rank::world_size]
         n_batches = -(-len(indices) // (batch_size * world_size))
         for b in range(n_batches):
-            chunk = mine[b * batch_size: (b + 1) * batch_size]
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
             if len(chunk):
                 yield self.held_out.batch(chunk)
             else:
@@ -54,10 +55,17 @@ class TrainData:
                 yield batch
 
 
-def load_stream(paths: Sequence[str], encoder: RecordEncoder, tokenizer_folder: Path, cache_dir: Path,
-                vocab_size: int, text_field: str = "text", build: bool = True,
-                sync: Callable[[str | None], str | None] = lambda error: error,
-                log: Callable[[str], None] = print) -> TokenStream:
+def load_stream(
+    paths: Sequence[str],
+    encoder: RecordEncoder,
+    tokenizer_folder: Path,
+    cache_dir: Path,
+    vocab_size: int,
+    text_field: str = "text",
+    build: bool = True,
+    sync: Callable[[str | None], str | None] = lambda error: error,
+    log: Callable[[str], None] = print,
+) -> TokenStream:
     """The token stream of `paths`, tokenizing files whose shard is not cached yet (when `build`).
 
     Under torchrun one process per machine builds; `sync` waits for it and shares any error it hit, so
@@ -81,18 +89,30 @@ def load_stream(paths: Sequence[str], encoder: RecordEncoder, tokenizer_folder: 
     return TokenStream([open_shard(cache_dir, key) for key in keys])
 
 
-def prepare_data(config: Any, tokenizer: Any, tokenizer_folder: Path, build: bool = True,
-                 sync: Callable[[str | None], str | None] = lambda error: error,
-                 log: Callable[[str], None] = print) -> TrainData:
+def prepare_data(
+    config: Any,
+    tokenizer: Any,
+    tokenizer_folder: Path,
+    build: bool = True,
+    sync: Callable[[str | None], str | None] = lambda error: error,
+    log: Callable[[str], None] = print,
+) -> TrainData:
     """Tokenize (or reuse) `config.data` and `config.eval_data`, pack them and fix the order.
 
     Raises ConfigError when the data cannot make one training sequence.
     """
     encoder = RecordEncoder(tokenizer)
     cache_dir = Path(config.cache_dir) if config.cache_dir else Path(config.out) / "cache"
-    common = dict(encoder=encoder, tokenizer_folder=tokenizer_folder, cache_dir=cache_dir,
-                  vocab_size=tokenizer.vocab_size, text_field=config.text_field, build=build,
-                  sync=sync, log=log)
+    common = dict(
+        encoder=encoder,
+        tokenizer_folder=tokenizer_folder,
+        cache_dir=cache_dir,
+        vocab_size=tokenizer.vocab_size,
+        text_field=config.text_field,
+        build=build,
+        sync=sync,
+        log=log,
+    )
     stream = load_stream(config.data, **common)
     _check_stream(stream, config.seq_len, "--data")
     train = PackedSequences(stream, config.seq_len)

@@ -79,7 +79,9 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, parallel: str, env: Distributed, freezes_parameters: bool = False) -> nn.Module:
+def wrap_model(
+    model: nn.Module, parallel: str, env: Distributed, freezes_parameters: bool = False
+) -> nn.Module:
     """DDP (a full replica per process) or FSDP2 (parameters, gradients and optimizer state sharded by layer).
 
     FSDP2 shards in place and returns the same module; DDP returns a wrapper whose `.module` is the model.
@@ -93,8 +95,9 @@ def wrap_model(model: nn.Module, parallel: str, env: Distributed, freezes_parame
         # (torch 2.13 renamed the switch).
         no_sync = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         buffers = {"forward_sync_buffers" if no_sync else "broadcast_buffers": False}
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=freezes_parameters,
-                                       **buffers)
+        return DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=freezes_parameters, **buffers
+        )
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

@@ -48,7 +48,7 @@ class RecordEncoder:
                     "the chat template renders a conversation's prefix differently from the whole "
                     "(it rewrites earlier turns); supervised fine-tuning needs a template that only appends"
                 )
-            piece = self.tokenizer.encode(text[len(rendered):], add_special_tokens=False)
+            piece = self.tokenizer.encode(text[len(rendered) :], add_special_tokens=False)
             ids.extend(piece)
             mask.extend([target] * len(piece))
 

@@ -16,8 +16,15 @@ from effllm.models.config import ModelConfig
 
 # Dense peak TFLOP/s per GPU (bf16 tensor cores; fp32 without TF32), by a fragment of the device name.
 GPU_PEAK_TFLOPS = {
-    "H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
-    "L4": (121.0, 30.3), "A10": (125.0, 31.2), "4090": (165.0, 82.6), "3090": (71.0, 35.6), "V100": (125.0, 15.7),
+    "H200": (989.0, 67.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "L4": (121.0, 30.3),
+    "A10": (125.0, 31.2),
+    "4090": (165.0, 82.6),
+    "3090": (71.0, 35.6),
+    "V100": (125.0, 15.7),
 }
 
 
@@ -96,7 +103,9 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus 12·L·H·Dh·T for attention scores and values
     (PaLM, Chowdhery et al. 2022, appendix B). N leaves out the input embedding, a lookup."""
-    n = config.num_parameters() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    n = config.num_parameters() - (
+        0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    )
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
     return 6.0 * n + attention
 
@@ -131,8 +140,13 @@ def _cpu_peak_tflops(precision: str = "fp32") -> float | None:
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     flops_per_cycle = 2 * lanes * (2 if "fma" in flags or "avx512f" in flags else 1)
     if precision == "bf16":
-        flops_per_cycle = 1024 if "amx_bf16" in flags else 2 * flops_per_cycle if "avx512_bf16" in flags \
+        flops_per_cycle = (
+            1024
+            if "amx_bf16" in flags
+            else 2 * flops_per_cycle
+            if "avx512_bf16" in flags
             else flops_per_cycle
+        )
     cores = min(torch.get_num_threads(), len(mhz))
     return cores * max(mhz) * 1e6 * flops_per_cycle / 1e12
 

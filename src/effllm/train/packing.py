@@ -36,8 +36,8 @@ class TokenStream:
         while length > 0:
             shard, offset = self.shards[i], start - int(self.starts[i])
             n = min(length, len(shard) - offset)
-            ids.append(np.asarray(shard.tokens[offset: offset + n], dtype=np.int64))
-            mask.append(np.ones(n, dtype=bool) if shard.mask is None else shard.mask[offset: offset + n] > 0)
+            ids.append(np.asarray(shard.tokens[offset : offset + n], dtype=np.int64))
+            mask.append(np.ones(n, dtype=bool) if shard.mask is None else shard.mask[offset : offset + n] > 0)
             start, length, i = start + n, length - n, i + 1
         return np.concatenate(ids), np.concatenate(mask)
 
@@ -85,6 +85,8 @@ class ShuffledOrder:
     def __getitem__(self, i: int) -> int:
         epoch, pos = divmod(i, len(self.indices))
         if epoch != self._epoch:
-            self._perm = self.indices[np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))]
+            self._perm = self.indices[
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+            ]
             self._epoch = epoch
         return int(self._perm[pos])

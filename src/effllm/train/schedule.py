@@ -29,8 +29,13 @@ class WarmupDecay:
         return self.min_ratio + (1 - self.min_ratio) * decay
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                    kind: str = "cosine", min_ratio: float = 0.1) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    kind: str = "cosine",
+    min_ratio: float = 0.1,
+) -> LambdaLR:
     """A LambdaLR stepping once per optimizer step; its state_dict saves and restores the position."""
     return LambdaLR(optimizer, WarmupDecay(total_steps, warmup_steps, kind, min_ratio))
 

@@ -55,8 +55,9 @@ def shard_complete(cache_dir: Path, key: str) -> bool:
     return (cache_dir / f"{key}.json").is_file()
 
 
-def build_shard(file: Path, encoder: RecordEncoder, cache_dir: Path, key: str, vocab_size: int,
-                text_field: str = "text") -> None:
+def build_shard(
+    file: Path, encoder: RecordEncoder, cache_dir: Path, key: str, vocab_size: int, text_field: str = "text"
+) -> None:
     """Tokenize `file` into the shard `key` (temporary files, renamed into place, metadata last)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
@@ -67,6 +68,7 @@ def build_shard(file: Path, encoder: RecordEncoder, cache_dir: Path, key: str, v
     ids_buf: list[int] = []
     mask_buf: list[int] = []
     with open(f"{tokens_path}{tmp}", "wb") as tf, open(f"{mask_path}{tmp}", "wb") as mf:
+
         def flush() -> None:
             np.asarray(ids_buf, dtype=dtype).tofile(tf)
             np.asarray(mask_buf, dtype=np.uint8).tofile(mf)
@@ -91,8 +93,14 @@ def build_shard(file: Path, encoder: RecordEncoder, cache_dir: Path, key: str, v
         os.replace(f"{mask_path}{tmp}", mask_path)
     else:
         os.unlink(f"{mask_path}{tmp}")
-    meta = {"format": SHARD_FORMAT, "source": str(file), "n_tokens": n_tokens, "n_targets": n_targets,
-            "dtype": np.dtype(dtype).name, "masked": masked}
+    meta = {
+        "format": SHARD_FORMAT,
+        "source": str(file),
+        "n_tokens": n_tokens,
+        "n_targets": n_targets,
+        "dtype": np.dtype(dtype).name,
+        "masked": masked,
+    }
     meta_path = cache_dir / f"{key}.json"
     Path(f"{meta_path}{tmp}").write_text(json.dumps(meta, indent=2))
     os.replace(f"{meta_path}{tmp}", meta_path)
@@ -105,5 +113,7 @@ def open_shard(cache_dir: Path, key: str) -> Shard:
     if n == 0:
         return Shard(np.zeros(0, dtype=dtype), None, 0)
     tokens = np.memmap(cache_dir / f"{key}.tokens", dtype=dtype, mode="r", shape=(n,))
-    mask = np.memmap(cache_dir / f"{key}.mask", dtype=np.uint8, mode="r", shape=(n,)) if meta["masked"] else None
+    mask = (
+        np.memmap(cache_dir / f"{key}.mask", dtype=np.uint8, mode="r", shape=(n,)) if meta["masked"] else None
+    )
     return Shard(tokens, mask, meta["n_targets"])

@@ -40,8 +40,10 @@ def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(path)
         elif path.is_dir():
             found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
@@ -99,7 +101,9 @@ def _jsonl_records(file: Path, text_field: str) -> Iterator[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{file}:{lineno} is not valid JSON ({e.msg}); fix the line or remove it") from None
+                raise ConfigError(
+                    f"{file}:{lineno} is not valid JSON ({e.msg}); fix the line or remove it"
+                ) from None
             if not isinstance(obj, dict):
                 raise ConfigError(f"{file}:{lineno} must be a JSON object with {text_field!r} or 'messages'")
             if "messages" in obj:
@@ -114,10 +118,16 @@ def _jsonl_records(file: Path, text_field: str) -> Iterator[Record]:
 
 
 def _check_messages(messages: Any, file: Path, lineno: int) -> list[dict[str, Any]]:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
-        for m in messages
+    ok = (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
+            for m in messages
+        )
     )
     if not ok:
-        raise ConfigError(f"{file}:{lineno}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise ConfigError(
+            f"{file}:{lineno}: 'messages' must be a non-empty list of {{role, content}} objects"
+        )
     return messages

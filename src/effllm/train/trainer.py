@@ -69,9 +69,15 @@ class StepResult:
     targets: int  # target tokens in the global batch
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict[str, torch.Tensor]],
-               loss_fn: LossFn = causal_lm_loss, env: Distributed | None = None, precision: str = "fp32",
-               clip_grad: float = 0.0) -> StepResult:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    loss_fn: LossFn = causal_lm_loss,
+    env: Distributed | None = None,
+    precision: str = "fp32",
+    clip_grad: float = 0.0,
+) -> StepResult:
     """One optimizer step over this process's micro-batches of the global batch.
 
     Each micro-batch's summed loss is divided by the target count of the whole global batch (all
@@ -165,26 +171,46 @@ class Trainer:
         self.tokenizer_folder = resolve_model_path(cfg.tokenizer or cfg.model)
         self.tokenizer = load_tokenizer(self.tokenizer_folder)
         self.model_config = self._model_config()
-        optimizer_options(cfg.optimizer)  # an unknown name fails now, listing the names, before any model is built
+        optimizer_options(
+            cfg.optimizer
+        )  # an unknown name fails now, listing the names, before any model is built
 
         freezes = get_method(cfg.method).freezes_parameters if cfg.method else False
         self.model = wrap_model(self._build_model(checkpoint), cfg.parallel, env, freezes)
         options = dict(cfg.optimizer_options)
-        if options.get("layerwise"):  # layer-wise updates step inside backward, so they count the accumulation
+        if options.get(
+            "layerwise"
+        ):  # layer-wise updates step inside backward, so they count the accumulation
             options.setdefault("accumulation_steps", cfg.grad_accum)
-        self.optimizer = build_optimizer(cfg.optimizer, unwrap(self.model), cfg.lr, cfg.weight_decay, **options)
+        self.optimizer = build_optimizer(
+            cfg.optimizer, unwrap(self.model), cfg.lr, cfg.weight_decay, **options
+        )
         if env.enabled and getattr(self.optimizer, "closure_takes_params", False):
-            raise ConfigError(f"--optimizer {cfg.optimizer} (forward gradients) runs on one process only; "
-                              "run it without torchrun")
+            raise ConfigError(
+                f"--optimizer {cfg.optimizer} (forward gradients) runs on one process only; "
+                "run it without torchrun"
+            )
         if cfg.dropout and not requires_backward(self.optimizer):
-            raise ConfigError(f"--optimizer {cfg.optimizer} compares losses of the same batch, which dropout "
-                              "would make random; use --dropout 0")
+            raise ConfigError(
+                f"--optimizer {cfg.optimizer} compares losses of the same batch, which dropout "
+                "would make random; use --dropout 0"
+            )
         if env.enabled and steps_in_backward(self.optimizer):
-            raise ConfigError("layer-wise updates step before gradients are reduced across processes; "
-                              "run them without torchrun")
-        self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-        self.data: TrainData = prepare_data(cfg, self.tokenizer, self.tokenizer_folder, build=env.is_local_main,
-                                            sync=env.first_error, log=self._print)
+            raise ConfigError(
+                "layer-wise updates step before gradients are reduced across processes; "
+                "run them without torchrun"
+            )
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
+        )
+        self.data: TrainData = prepare_data(
+            cfg,
+            self.tokenizer,
+            self.tokenizer_folder,
+            build=env.is_local_main,
+            sync=env.first_error,
+            log=self._print,
+        )
         if cfg.method:
             self.callbacks += build_method(cfg.method, self, cfg.method_options)
         if checkpoint is not None:
@@ -201,7 +227,9 @@ class Trainer:
         is_run = (out / "train_config.yaml").exists()
         if occupied and not cfg.resume:
             what = "a training run" if is_run else "files"
-            raise ConfigError(f"--out {out} already holds {what}; pass --resume to continue it or choose a new folder")
+            raise ConfigError(
+                f"--out {out} already holds {what}; pass --resume to continue it or choose a new folder"
+            )
         if occupied and not is_run:
             raise ConfigError(f"--out {out} holds files but no training run to resume; choose a new folder")
         return latest_checkpoint(out) if cfg.resume else None
@@ -210,11 +238,15 @@ class Trainer:
         cfg = self.config
         config = load_config(cfg.model) if cfg.model else ModelConfig.from_json_file(cfg.model_config)
         if cfg.seq_len > config.max_position_embeddings:
-            raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's maximum sequence length "
-                              f"(max_position_embeddings {config.max_position_embeddings}); lower --seq-len")
+            raise ConfigError(
+                f"--seq-len {cfg.seq_len} exceeds the model's maximum sequence length "
+                f"(max_position_embeddings {config.max_position_embeddings}); lower --seq-len"
+            )
         if self.tokenizer.vocab_size > config.vocab_size:
-            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
-                              f"{config.vocab_size}; use the model's own tokenizer or a larger vocab_size")
+            raise ConfigError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{config.vocab_size}; use the model's own tokenizer or a larger vocab_size"
+            )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(config, name) is None:
                 setattr(config, name, getattr(self.tokenizer, name))
@@ -234,12 +266,16 @@ class Trainer:
         return model.train()
 
     def _restore(self, folder: Path) -> None:
-        trainer_state, rank_state = load_training_state(folder, self.model, self.optimizer, self.scheduler, self.env)
+        trainer_state, rank_state = load_training_state(
+            folder, self.model, self.optimizer, self.scheduler, self.env
+        )
         saved = trainer_state.get("config", {})
         for name in DATA_OPTIONS:
             if name in saved and saved[name] != getattr(self.config, name):
-                raise ConfigError(f"{folder} was trained with --{name.replace('_', '-')} {saved[name]!r}, not "
-                                  f"{getattr(self.config, name)!r}; resume with the run's data options")
+                raise ConfigError(
+                    f"{folder} was trained with --{name.replace('_', '-')} {saved[name]!r}, not "
+                    f"{getattr(self.config, name)!r}; resume with the run's data options"
+                )
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
         self.tokens_seen = trainer_state["tokens_seen"]
@@ -303,15 +339,22 @@ class Trainer:
         call_hook(self.callbacks, "on_step_begin", self.step)
         lr = self.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        result = train_step(self.model, self.optimizer, self._micro_batches(), self.loss_fn, env, cfg.precision,
-                            cfg.clip_grad)
+        result = train_step(
+            self.model, self.optimizer, self._micro_batches(), self.loss_fn, env, cfg.precision, cfg.clip_grad
+        )
         self.scheduler.step()
         seconds = time.perf_counter() - start
         self.step += 1
         self.samples_seen += global_batch
         self.tokens_seen += tokens
-        row = {"step": self.step, "loss": result.loss, "lr": lr, "tokens": self.tokens_seen,
-               "tokens_per_s": tokens / seconds, "step_time_s": seconds}
+        row = {
+            "step": self.step,
+            "loss": result.loss,
+            "lr": lr,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens / seconds,
+            "step_time_s": seconds,
+        }
         if result.grad_norm is not None:
             row["grad_norm"] = result.grad_norm
         if peak_tflops:
@@ -349,12 +392,28 @@ class Trainer:
         """Write a resumable checkpoint of the current step (every process must call it)."""
         say = progress.write if progress is not None else self._print
         say(f"checkpoint: saving step {self.step}")
-        trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                         "world_size": self.env.world_size, "config": self.config.to_dict()}
-        rank_state = {"callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None
-                                    for cb in self.callbacks]}
-        folder = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, trainer_state,
-                                 rank_state, self.env, self.tokenizer, self.config.keep_last)
+        trainer_state = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.env.world_size,
+            "config": self.config.to_dict(),
+        }
+        rank_state = {
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]
+        }
+        folder = save_checkpoint(
+            self.out,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            trainer_state,
+            rank_state,
+            self.env,
+            self.tokenizer,
+            self.config.keep_last,
+        )
         if self.env.is_main:
             call_hook(self.callbacks, "on_save", self.step, folder)
         say(f"checkpoint: saved {folder}")
@@ -371,7 +430,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, callbacks: Sequence[Any] = (), loss_fn: LossFn = causal_lm_loss) -> dict[str, Any]:
+def train(
+    config: TrainConfig, callbacks: Sequence[Any] = (), loss_fn: LossFn = causal_lm_loss
+) -> dict[str, Any]:
     """Run `config` to the end (see `Trainer`); returns the last metrics row."""
     return Trainer(config, callbacks, loss_fn).train()
-

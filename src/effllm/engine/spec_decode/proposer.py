@@ -22,8 +22,12 @@ def can_take_drafts(request: Request) -> bool:
     """Greedy requests with no penalties and past min_tokens: where greedy acceptance (`accept_greedy`)
     gives exactly the tokens of one-at-a-time decoding. Sampling requests need rejection sampling."""
     p = request.params
-    return (p.temperature == 0 and not p.has_penalties and request.num_output_tokens >= p.min_tokens
-            and request.num_computed_tokens == request.num_tokens - 1)
+    return (
+        p.temperature == 0
+        and not p.has_penalties
+        and request.num_output_tokens >= p.min_tokens
+        and request.num_computed_tokens == request.num_tokens - 1
+    )
 
 
 def max_drafts(request: Request, max_model_len: int) -> int:

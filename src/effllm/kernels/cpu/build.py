@@ -64,7 +64,9 @@ def _compile(name: str, source: str, flags: tuple[str, ...], libs: tuple[str, ..
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, out = Path(tmp) / name, Path(tmp) / target.name
         src.write_text(source)
-        result = subprocess.run([compiler, *flags, str(src), "-o", str(out), *libs], capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *flags, str(src), "-o", str(out), *libs], capture_output=True, text=True
+        )
         if result.returncode != 0:
             log.warning("compiling %s failed, the PyTorch path is used:\n%s", name, result.stderr)
             return None
@@ -82,8 +84,12 @@ def _load(name: str, flags: tuple[str, ...], libs: tuple[str, ...]) -> ctypes.CD
         return None
 
 
-def load_kernel(name: str, functions: dict[str, Signature], flags: tuple[str, ...] = DEFAULT_FLAGS,
-                libs: tuple[str, ...] = ("-lm",)) -> ctypes.CDLL | None:
+def load_kernel(
+    name: str,
+    functions: dict[str, Signature],
+    flags: tuple[str, ...] = DEFAULT_FLAGS,
+    libs: tuple[str, ...] = ("-lm",),
+) -> ctypes.CDLL | None:
     """The compiled library of effllm/kernels/cpu/`name` with `functions` typed, or None without a compiler.
 
     Built at most once per process and once per machine (the cache); later calls return the same library.

@@ -15,6 +15,7 @@ from torch import nn
 
 from effllm.core.dtypes import dtype_name, parse_device, parse_dtype
 from effllm.core.errors import CheckpointError
+from effllm.core.memory import check_fits
 from effllm.models.config import ModelConfig
 from effllm.models.hub import resolve_model_path
 from effllm.models.layouts import apply_layout, compression_section
@@ -77,6 +78,11 @@ def load_model(
     target_device = parse_device(device)
     files = weight_files(folder)
 
+    check_fits(
+        config.num_parameters() * target_dtype.itemsize,
+        target_device,
+        f"{folder.name} ({config.num_parameters() / 1e9:.2f}B parameters in {dtype_name(target_dtype)})",
+    )
     with torch.device("meta"):
         model = CausalLM(config)
         apply_layout(model, compression_section(config.effllm))

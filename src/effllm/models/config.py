@@ -9,6 +9,7 @@ model core does not implement, naming what it does.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,30 @@ _HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
 }
+
+
+# Bounds no released checkpoint comes near (the largest vocabularies are ~260k, the widest models ~30k,
+# the deepest ~128 layers); past them a config is corrupt or hostile, and building it would never finish.
+_INT_BOUNDS = {
+    "vocab_size": (1, 4_194_304),
+    "hidden_size": (1, 131_072),
+    "intermediate_size": (1, 1_048_576),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 4096),
+    "num_key_value_heads": (1, 4096),
+    "head_dim": (1, 4096),
+    "max_position_embeddings": (1, 1 << 28),
+}
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim")
+_FLOAT_BOUNDS = {"rms_norm_eps": (0.0, 1.0), "rope_theta": (0.0, 1e12), "partial_rotary_factor": (0.0, 1.0)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -61,6 +86,7 @@ class ModelConfig:
     effllm: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_values()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -102,19 +128,53 @@ class ModelConfig:
             raise ConfigError(
                 f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_hidden_layers} layers"
             )
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self._check_values()
         if self.partial_rotary_factor != 1.0:
             raise ConfigError(
                 "partial_rotary_factor other than 1.0 is not supported by the Llama-family core"
             )
+
+    def _check_values(self) -> None:
+        """Every number is of its type, finite and within bounds no real checkpoint exceeds, so that a
+        corrupt or hostile config.json fails here, in one line, before anything is allocated."""
+        for name, (low, high) in _INT_BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INTS:
+                continue
+            if not _is_int(value) or not low <= value <= high:
+                raise ConfigError(f"config.json: {name} must be an integer in [{low}, {high}], got {value!r}")
+        for name, (low, high) in _FLOAT_BOUNDS.items():
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or not low < value <= high:
+                raise ConfigError(
+                    f"config.json: {name} must be a finite number in ({low}, {high}], got {value!r}"
+                )
+        if not _is_number(self.initializer_range) or not 0 <= self.initializer_range < 10:
+            raise ConfigError(
+                f"config.json: initializer_range must be in [0, 10), got {self.initializer_range!r}"
+            )
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise ConfigError(
+                    f"config.json: {name} must be an integer or null, got {getattr(self, name)!r}"
+                )
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if self.eos_token_id is not None and not all(_is_int(t) and t >= 0 for t in eos):
+            raise ConfigError(
+                f"config.json: eos_token_id must be a token id or a list of them, got {self.eos_token_id!r}"
+            )
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config.json: {name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.rope_scaling, dict):
+            raise ConfigError(
+                f"config.json: rope_scaling must be a mapping or null, got {self.rope_scaling!r}"
+            )
+        for window in self.sliding_windows or []:
+            if window is not None and (not _is_int(window) or window < 1):
+                raise ConfigError(f"config.json: a sliding window must be a positive integer, got {window!r}")
+        if not isinstance(self.effllm, dict):
+            raise ConfigError(f"config.json: effllm must be a mapping, got {type(self.effllm).__name__}")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -157,20 +217,26 @@ class ModelConfig:
                 f"model_type {model_type!r} is not supported; EffLLM runs "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM and SmolLM2 are llama)"
             )
-        try:
-            num_layers = int(raw["num_hidden_layers"])
-            kwargs: dict[str, Any] = dict(
-                model_type=model_type,
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=int(raw["hidden_size"]),
-                intermediate_size=int(raw["intermediate_size"]),
-                num_hidden_layers=num_layers,
-                num_attention_heads=int(raw["num_attention_heads"]),
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [key for key in required if key not in raw]
+        if missing:
+            raise ConfigError(f"config.json lacks the required key {missing[0]!r}")
+        kwargs: dict[str, Any] = {"model_type": model_type, **{key: _whole(raw[key]) for key in required}}
+        num_layers = kwargs["num_hidden_layers"]
+        if not _is_int(num_layers) or not 1 <= num_layers <= _INT_BOUNDS["num_hidden_layers"][1]:
+            raise ConfigError(
+                f"config.json: num_hidden_layers must be an integer in [1, 1024], got {num_layers!r}"
             )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the required key {e.args[0]!r}") from None
-        kwargs["num_key_value_heads"] = raw.get("num_key_value_heads") or kwargs["num_attention_heads"]
-        kwargs["head_dim"] = raw.get("head_dim")
+        kwargs["num_key_value_heads"] = (
+            _whole(raw.get("num_key_value_heads")) or kwargs["num_attention_heads"]
+        )
+        kwargs["head_dim"] = _whole(raw.get("head_dim"))
         for key in (
             "max_position_embeddings",
             "rms_norm_eps",
@@ -182,9 +248,9 @@ class ModelConfig:
             "hidden_act",
         ):
             if raw.get(key) is not None:
-                kwargs[key] = raw[key]
+                kwargs[key] = _whole(raw[key])
         kwargs["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype")
-        kwargs["partial_rotary_factor"] = float(raw.get("partial_rotary_factor") or 1.0)
+        kwargs["partial_rotary_factor"] = raw.get("partial_rotary_factor") or 1.0
 
         rope_theta, rope_scaling = _read_rope(raw)
         kwargs["rope_theta"] = rope_theta
@@ -212,7 +278,12 @@ class ModelConfig:
             ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_hf_dict(raw)
+        try:
+            return cls.from_hf_dict(raw)
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:  # a value of the wrong shape
+            raise ConfigError(
+                f"{path}: a value has the wrong type or form ({e}); fix or replace it"
+            ) from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers reads back (keys of the family's own config class)."""
@@ -269,6 +340,13 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _whole(value: Any) -> Any:
+    """2048.0 -> 2048 (some configs write integers as floats); anything else unchanged, for the checks."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any]]:

@@ -54,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     )
     engine = LLMEngine.from_pretrained(model_or_default(args.model), **engine_options(args, ENGINE_EXCLUDED))
     tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise InputError(
+            f"{args.model or 'the model'} has no tokenizer.json, which effllm generate needs to read "
+            "the prompt; pass a checkpoint folder that holds one"
+        )
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})

@@ -17,7 +17,7 @@ from effllm.core.dtypes import dtype_name, parse_device, parse_dtype
 from effllm.core.errors import CheckpointError
 from effllm.core.memory import check_fits
 from effllm.models.config import ModelConfig
-from effllm.models.hub import resolve_model_path
+from effllm.models.hub import checkpoint_file, resolve_model_path
 from effllm.models.layouts import apply_layout, compression_section
 from effllm.models.rope import RotaryEmbedding
 from effllm.models.safetensors_io import iter_tensors
@@ -30,21 +30,23 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: the index's shards, or the single file."""
-    index = folder / INDEX_FILE
+    index = checkpoint_file(folder, INDEX_FILE)
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise CheckpointError(
                 f"{index} is not a valid safetensors index; re-download the checkpoint"
             ) from None
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise CheckpointError(f"{index}'s weight_map must map tensor names to file names")
+        files = [checkpoint_file(folder, name) for name in dict.fromkeys(weight_map.values())]
         missing = [p.name for p in files if not p.exists()]
         if missing:
             raise CheckpointError(f"{folder} lacks shard(s) {', '.join(missing)} named in {INDEX_FILE}")
         return files
     if (folder / SINGLE_FILE).exists():
-        return [folder / SINGLE_FILE]
+        return [checkpoint_file(folder, SINGLE_FILE)]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pth")):
         raise CheckpointError(
             f"{folder} holds only PyTorch .bin/.pth weights; EffLLM reads safetensors: convert it with "
@@ -56,7 +58,7 @@ def weight_files(folder: Path) -> list[Path]:
 def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
     """The `ModelConfig` of a checkpoint folder or hub id."""
     folder = resolve_model_path(path_or_id)
-    return ModelConfig.from_json_file(folder / "config.json")
+    return ModelConfig.from_json_file(checkpoint_file(folder, "config.json"))
 
 
 def load_model(
@@ -73,7 +75,7 @@ def load_model(
     loading never holds two copies of the weights.
     """
     folder = resolve_model_path(path_or_id)
-    config = ModelConfig.from_json_file(folder / "config.json")
+    config = ModelConfig.from_json_file(checkpoint_file(folder, "config.json"))
     target_dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or torch.float32
     target_device = parse_device(device)
     files = weight_files(folder)

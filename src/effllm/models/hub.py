@@ -47,3 +47,25 @@ def _download(repo_id: str) -> Path:
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); "
             "check the id and the network, or pass a local folder"
         ) from None
+
+
+def checkpoint_file(folder: Path, name: str) -> Path:
+    """`folder / name`, refused unless it stays inside the checkpoint: a name an index or config file gives
+    (a shard, a template) must not climb out with `..`, be absolute, or be a symlink that resolves elsewhere.
+
+    A Hugging Face cache snapshot links its files to the repo's `blobs/`; those links are allowed.
+    """
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{folder}: refusing {name!r}, a file outside the checkpoint folder")
+    path = folder / name
+    try:
+        target = path.resolve(strict=False)
+        root = folder.resolve(strict=True)
+    except (RuntimeError, OSError) as e:  # a symlink loop, an unreadable folder
+        raise CheckpointError(f"{path} cannot be resolved ({e}); fix the checkpoint's links") from None
+    roots = [root]
+    if root.parent.name == "snapshots":  # huggingface_hub's cache: snapshots/<rev>/file -> ../../blobs/<hash>
+        roots.append(root.parent.parent / "blobs")
+    if not any(target == r or r in target.parents for r in roots):
+        raise CheckpointError(f"{path} points outside the checkpoint folder ({target}); refusing to read it")
+    return path

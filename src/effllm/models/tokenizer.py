@@ -18,7 +18,7 @@ from tokenizers import AddedToken, processors
 
 from effllm.core.errors import TokenizerError
 from effllm.models.chat_template import render_chat_template
-from effllm.models.hub import resolve_model_path
+from effllm.models.hub import checkpoint_file, resolve_model_path
 
 # The named special tokens transformers passes to chat templates; a config may add its own `*_token` keys.
 _STANDARD_SPECIAL_TOKENS = (
@@ -184,7 +184,7 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a checkpoint folder or hub id: tokenizer.json with tokenizer_config.json's special
     tokens, the chat template, and generation_config.json's end-of-sequence ids."""
     folder = resolve_model_path(path_or_id)
-    file = folder / "tokenizer.json"
+    file = checkpoint_file(folder, "tokenizer.json")
     if not file.is_file():
         hint = ""
         if (folder / "tokenizer.model").is_file():
@@ -200,11 +200,11 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
         raise TokenizerError(
             f"{file} is not a valid tokenizer file ({reason}); re-save it with transformers"
         ) from None
-    config = _read_json(folder / "tokenizer_config.json")
+    config = _read_json(checkpoint_file(folder, "tokenizer_config.json"))
     # Older checkpoints name their special tokens in special_tokens_map.json.
     if "added_tokens_decoder" not in config:
-        config.update(_read_json(folder / "special_tokens_map.json"))
-    generation = _read_json(folder / "generation_config.json")
+        config.update(_read_json(checkpoint_file(folder, "special_tokens_map.json")))
+    generation = _read_json(checkpoint_file(folder, "generation_config.json"))
     eos = generation.get("eos_token_id")
     generation_eos = [eos] if isinstance(eos, int) else [i for i in eos or () if isinstance(i, int)]
     return Tokenizer(backend, config, _read_chat_template(folder, config), generation_eos)
@@ -292,8 +292,9 @@ def _read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | dict[s
     """chat_template.jinja and chat_templates/*.jinja (transformers 5) win over the config's entry."""
     templates = {}
     if (folder / "chat_template.jinja").is_file():
-        templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        templates["default"] = checkpoint_file(folder, "chat_template.jinja").read_text(encoding="utf-8")
     for file in sorted((folder / "chat_templates").glob("*.jinja")):
+        checkpoint_file(folder, f"chat_templates/{file.name}")
         templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
     if templates:
         return templates["default"] if list(templates) == ["default"] else templates

@@ -6,6 +6,7 @@ and resolved by `resolve` once the model and device are known.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, replace
 
@@ -132,6 +133,15 @@ class EngineConfig:
         return replace(
             self, max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens
         )
+
+
+def engine_config(options: dict) -> EngineConfig:
+    """`EngineConfig(**options)`, with a ConfigError that lists the valid names for an unknown one."""
+    names = [f.name for f in dataclasses.fields(EngineConfig)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown engine option {unknown[0]!r}; the options are {', '.join(names)}")
+    return EngineConfig(**options)
 
 
 def add_engine_flags(parser, exclude: tuple[str, ...] = (), defaults: dict | None = None) -> None:

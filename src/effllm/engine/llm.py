@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ class LLM:
     def __init__(self, model: CausalLM | str | os.PathLike, tokenizer: Any = None, **engine_options: Any):
         self.engine = make_engine(model, tokenizer, **engine_options)
         self._ids = itertools.count()
+        self._lock = threading.Lock()
 
     @property
     def tokenizer(self):
@@ -40,8 +42,14 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Outputs of every prompt, in the order given; one SamplingParams for all or one per prompt."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InputError(
+                f"prompts must be a string, token ids, a dict or a list of them, not {type(prompts).__name__}"
+            )
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
@@ -51,15 +59,18 @@ class LLM:
                 raise InputError(
                     f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one each"
                 )
-        ids = [str(next(self._ids)) for _ in prompts]
-        try:
-            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
-                self.engine.add_request(request_id, prompt, p)
-        except Exception:
-            self.engine.abort(ids)
-            raise
+        with self._lock:  # one engine, one batch: calls from several threads take turns
+            ids = [str(next(self._ids)) for _ in prompts]
+            try:
+                for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+                    self.engine.add_request(request_id, prompt, p)
+                return self._run(ids, use_tqdm)
+            finally:  # on any error (a bad prompt, a failed step, Ctrl-C) none of this call's requests stays queued
+                self.engine.abort(ids)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:

@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from effllm.core.dtypes import parse_device, parse_dtype
-from effllm.core.errors import ConfigError, InputError
+from effllm.core.errors import ConfigError, EffLLMError, InputError
 from effllm.engine.block_manager import BlockManager
-from effllm.engine.config import EngineConfig
+from effllm.engine.config import EngineConfig, engine_config
 from effllm.engine.model_runner import ModelRunner
 from effllm.engine.output_processor import OutputProcessor, ParentRequest
 from effllm.engine.outputs import RequestOutput
 from effllm.engine.request import Request
 from effllm.engine.sampling_params import SamplingParams
-from effllm.engine.scheduler import Scheduler
+from effllm.engine.scheduler import Scheduler, SchedulerOutput
 from effllm.engine.spec_decode.proposer import Proposer, propose_drafts
 from effllm.models.checkpoint import load_model
 from effllm.models.hub import resolve_model_path
@@ -35,6 +35,20 @@ from effllm.models.tokenizer import load_tokenizer
 from effllm.models.transformer import CausalLM
 
 PromptType = str | list[int] | dict[str, Any]
+
+
+class StepError(EffLLMError):
+    """A step failed; its requests (`request_ids`) were aborted and the engine is usable again."""
+
+    http_status = 500
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        self.request_ids = request_ids
+        self.cause = cause
+        super().__init__(
+            f"the engine failed while running request(s) {', '.join(request_ids)} "
+            f"({type(cause).__name__}: {cause}); they were aborted, the engine goes on"
+        )
 
 
 @dataclass
@@ -79,7 +93,7 @@ class LLMEngine:
         cls, path_or_id: str | os.PathLike, tokenizer: Any = None, **options: Any
     ) -> LLMEngine:
         """Load a checkpoint (folder or hub id) and its tokenizer (when the folder has one)."""
-        config = EngineConfig(**options)
+        config = engine_config(options)
         model = load_model(path_or_id, dtype=config.dtype, device=config.device)
         if tokenizer is None and (resolve_model_path(path_or_id) / "tokenizer.json").is_file():
             tokenizer = load_tokenizer(path_or_id)
@@ -137,7 +151,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns an output for every request that produced tokens or finished."""
+        """Run one step; returns an output for every request that produced tokens or finished.
+
+        If the step fails (an exception in the forward, the sampler or the detokenizer), the requests it
+        held are aborted, their blocks freed, and `StepError` names them; the engine stays usable.
+        """
         if self.proposer is not None:
             propose_drafts(self.proposer, self.scheduler.running, self.config.max_model_len)
         out = self.scheduler.schedule()
@@ -146,6 +164,16 @@ class LLMEngine:
             if self.scheduler.has_unfinished() and not out.preempted:
                 raise RuntimeError("the scheduler found nothing to run while requests wait; this is a bug")
             return []
+        try:
+            return self._run_step(out)
+        except Exception as e:
+            failed = list(
+                dict.fromkeys(self._parent_of[r].request_id for r in out.requests if r in self._parent_of)
+            )
+            self.abort(failed)
+            raise StepError(failed, e) from e
+
+    def _run_step(self, out: SchedulerOutput) -> list[RequestOutput]:
         sampled = self.runner.execute(out)
         self.scheduler.update(out, sampled)
         self.stats.num_steps += 1
@@ -175,7 +203,12 @@ class LLMEngine:
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise InputError(
+                        f"prompt_token_ids must be a list of token ids, not {type(ids).__name__}"
+                    )
+                return prompt.get("prompt"), list(ids)
             if "prompt" not in prompt:
                 raise InputError("a prompt dict needs 'prompt_token_ids' or 'prompt'")
             prompt = prompt["prompt"]
@@ -192,7 +225,16 @@ class LLMEngine:
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise InputError("the prompt is empty; give at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            bad = next(t for t in ids if not isinstance(t, int) or isinstance(t, bool))
+            raise InputError(f"prompt token ids must be integers, got {bad!r}")
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"sampling params must be a SamplingParams, not {type(params).__name__}")
         vocab = self.model.config.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise InputError(
+                f"logprobs {params.logprobs} exceeds the vocabulary ({vocab} tokens); ask for fewer"
+            )
         if min(ids) < 0 or max(ids) >= vocab:
             raise InputError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
         limit = self.config.max_model_len
@@ -209,7 +251,7 @@ def make_engine(model: CausalLM | str | os.PathLike, tokenizer: Any = None, **op
     """An engine over an already loaded model (moved to options' dtype and device) or a checkpoint."""
     if not isinstance(model, CausalLM):
         return LLMEngine.from_pretrained(model, tokenizer, **options)
-    config = EngineConfig(**options)
+    config = engine_config(options)
     if config.device is not None or config.dtype is not None:
         device = parse_device(config.device) if config.device is not None else model.device
         model = model.to(device=device, dtype=parse_dtype(config.dtype) or model.dtype)

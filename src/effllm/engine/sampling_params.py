@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from effllm.core.errors import InputError
+
+_INTS = ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs")
+_OPTIONAL = ("max_tokens", "seed", "logprobs")
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_BOOLS = ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_list_of(value: object, kind: type) -> bool:
+    ok = _is_int if kind is int else (lambda v: isinstance(v, kind))
+    return isinstance(value, (list, tuple)) and all(ok(v) for v in value)
 
 
 @dataclass
@@ -39,6 +58,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -46,6 +66,26 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._check()
+
+    def _check_types(self) -> None:
+        """Each field of its type (ints are ints, numbers finite), so a bad value fails here, not in a step."""
+        for name in _INTS:
+            value = getattr(self, name)
+            if not (value is None and name in _OPTIONAL) and not _is_int(value):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (self.stop is None or isinstance(self.stop, str) or _is_list_of(self.stop, str)):
+            raise InputError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if not (self.stop_token_ids is None or _is_list_of(self.stop_token_ids, int)):
+            raise InputError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**64 - max(self.n, 1):
+            raise InputError(f"seed must fit in 64 bits (with n samples, seed + n - 1 too), got {self.seed}")
 
     def _check(self) -> None:
         checks = [

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from effllm.engine.llm_engine import StepError
 from effllm.engine.outputs import RequestOutput
 from effllm.engine.sampling_params import SamplingParams
 from effllm.serve.errors import EngineFailedError, QueueFullError, RequestTimeoutError, ServerUnavailableError
@@ -216,7 +217,17 @@ class AsyncEngine:
                         return
                     self._apply(command)
                 if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
+                    try:
+                        outputs = self.engine.step()
+                    except StepError as e:  # that step's requests were aborted; the engine goes on
+                        logger.error("%s", e, exc_info=e.cause)
+                        self._live.difference_update(e.request_ids)
+                        error = EngineFailedError(
+                            "the engine failed while running this request and aborted it; see the server log"
+                        )
+                        for rid in e.request_ids:
+                            self._loop.call_soon_threadsafe(self._deliver_error, rid, error)
+                        continue
                     self._live.difference_update(out.request_id for out in outputs if out.finished)
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)

@@ -53,3 +53,13 @@ def test_without_a_compiler_the_pytorch_path_is_reported_at_debug_level(fresh_ca
 def test_kernel_sources_ship_with_the_package():
     assert "paged_decode_f32" in build.kernel_source("paged_decode.c")
     assert isinstance(build.cpu_features(), frozenset)
+
+
+@pytest.mark.skipif(not build.shutil.which("cc"), reason="no C compiler")
+def test_loading_a_kernel_keeps_the_process_floating_point_state(fresh_cache):
+    """A library linked with -ffast-math would set flush-to-zero for the whole process on load."""
+    import torch
+
+    assert build.load_kernel("paged_decode.c", SIGNATURE) is not None
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 1.0).item() != 0.0  # a subnormal survives arithmetic

@@ -129,6 +129,27 @@ CASES = [
     ("detokenize beyond the vocabulary", "/detokenize", {"tokens": [10**9]}, AUTH, 400, "tokens"),
     ("tokenize with prompt and messages", "/tokenize", {"prompt": "a", "messages": CHAT}, AUTH, 400, None),
     ("unknown route", "/v1/embeddings", completion(), AUTH, 404, None),
+    # A lone UTF-16 surrogate, JSON-escaped (it cannot be sent as UTF-8), wherever text enters.
+    ("surrogate in the prompt", C, raw(b'{"prompt": "a\\ud800b", "max_tokens": 2}'), AUTH, 400, "prompt"),
+    (
+        "surrogate in chat content",
+        H,
+        raw(b'{"messages": [{"role": "user", "content": "\\udfff"}]}'),
+        AUTH,
+        400,
+        "messages.0.content",
+    ),
+    (
+        "surrogate in a system message",
+        H,
+        raw(b'{"messages": [{"role": "system", "content": "x\\ud800"}, {"role": "user", "content": "hi"}]}'),
+        AUTH,
+        400,
+        "messages.0.content",
+    ),
+    ("surrogate in a stop string", C, raw(b'{"prompt": "hi", "stop": ["\\ud83d"]}'), AUTH, 400, "stop.0"),
+    ("surrogate in tokenize", "/tokenize", raw(b'{"prompt": "\\ud800"}'), AUTH, 400, "prompt"),
+    ("surrogate in a key", C, raw(b'{"prompt": "hi", "\\ud800": 1}'), AUTH, 400, None),
 ]
 
 

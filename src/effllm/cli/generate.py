@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from effllm.core.errors import InputError
+from effllm.core.text import check_text
 from effllm.engine.config import add_engine_flags, engine_options
 
 ENGINE_EXCLUDED = ("seed",)  # --seed is the request's sampling seed, not the engine generator's
@@ -41,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from effllm.engine import LLMEngine, SamplingParams
     from effllm.models.default import model_or_default
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = check_text(sys.stdin.read() if args.prompt == "-" else args.prompt, "the prompt")
+    for text, what in [(args.system or "", "--system"), *((s, "--stop") for s in args.stop)]:
+        check_text(text, what)
     if any(not s for s in args.stop):
         raise InputError("--stop needs a non-empty string")
     params = SamplingParams(

@@ -16,7 +16,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, processors
 
-from effllm.core.errors import TokenizerError
+from effllm.core.errors import InputError, TokenizerError
+from effllm.core.text import check_text
 from effllm.models.chat_template import render_chat_template
 from effllm.models.hub import checkpoint_file, resolve_model_path
 
@@ -81,11 +82,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds what the post-processor adds (BOS for Llama)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode(_text(text), add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` over many texts, in parallel in Rust."""
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        encodings = self.backend.encode_batch(
+            [_text(t) for t in texts], add_special_tokens=add_special_tokens
+        )
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -178,6 +181,12 @@ class Tokenizer:
                 "chat_template.jinja to the checkpoint folder"
             )
         return templates
+
+
+def _text(text: object) -> str:
+    if not isinstance(text, str):
+        raise InputError(f"the tokenizer encodes strings, not {type(text).__name__}")
+    return check_text(text, "the text to tokenize")
 
 
 def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:

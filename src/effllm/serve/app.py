@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from effllm import __version__
 from effllm.core.errors import ConfigError, EffLLMError
+from effllm.core.text import invalid_text_path
 from effllm.serve.async_engine import AsyncEngine
 from effllm.serve.completions import Served, create_chat_completion, create_completion
 from effllm.serve.errors import (
@@ -203,6 +204,13 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
     if not isinstance(data, dict):
         raise APIError(
             f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_json"
+        )
+    bad = invalid_text_path(data)  # a lone surrogate anywhere is a 400 here, never a tokenizer crash later
+    if bad is not None:
+        raise APIError(
+            f"{bad or 'a key'} is not valid Unicode (it holds a lone surrogate); send UTF-8 text",
+            param=bad or None,
+            code="invalid_unicode",
         )
     return model.model_validate(data)
 

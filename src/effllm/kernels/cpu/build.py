@@ -27,7 +27,20 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")
+# The parts of -ffast-math that let reductions vectorise, but not -ffast-math itself: linking a shared
+# library with it runs crtfastmath's constructor, which sets flush-to-zero for the whole process (every
+# torch kernel then loses subnormals). No -ffinite-math-only either: kernels use -INFINITY.
+DEFAULT_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-freciprocal-math",
+    "-fPIC",
+    "-shared",
+)
 Signature = tuple[list, object]  # (argtypes, restype) of one exported function
 
 

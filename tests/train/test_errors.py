@@ -126,3 +126,67 @@ def test_dropout_out_of_range(argv, capsys, tmp_path):
 
 def test_dropout_with_a_zeroth_order_optimizer(argv, capsys, tmp_path):
     fails(argv("--dropout", "0.1", "--optimizer", "zo_sgd"), capsys, tmp_path, "use --dropout 0")
+
+
+def saved_run(argv, capsys) -> list[str]:
+    args = argv("--save-every", "1")
+    assert main(args) == 0
+    capsys.readouterr()
+    return args
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [(["--lr", "0.5"], "--lr was 0.0003, now 0.5"), (["--seq-len", "16"], "--seq-len was 32, now 16"),
+     (["--optimizer", "sgd"], "--optimizer was 'adamw', now 'sgd'"),
+     (["--optimizer-options", "betas=[0.8,0.9]"], "--optimizer-options"), (["--seed", "3"], "--seed was 0, now 3")],
+)
+def test_resume_that_changes_the_run_is_refused_naming_old_and_new(argv, capsys, tmp_path, change, field):
+    saved_run(argv, capsys)
+    assert main([*argv("--resume", "--steps", "3"), *change]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to a different run" in err and field in err and err.count("\n") == 1, err
+
+
+def test_resume_with_a_different_model_is_refused(argv, capsys, tmp_path, assets):
+    saved_run(argv, capsys)
+    other = json.loads((assets / "config.json").read_text())
+    other["hidden_size"] = 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    args = argv("--resume", "--steps", "3")
+    args[args.index("--model-config") + 1] = str(tmp_path / "other.json")
+    assert main(args) == 2
+    assert "--model-config was" in capsys.readouterr().err
+
+
+def test_resume_may_change_steps_and_logging(argv, capsys, tmp_path):
+    saved_run(argv, capsys)
+    assert main(argv("--resume", "--steps", "3", "--log-every", "5", "--save-every", "2")) == 0
+
+
+def test_a_corrupt_newest_state_falls_back_to_the_checkpoint_before_it(argv, capsys, tmp_path):
+    saved_run(argv, capsys)
+    newest = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    (newest / "trainer_state.json").write_text("{not json")
+    assert main(argv("--resume", "--steps", "3")) == 0
+    out = capsys.readouterr()
+    assert "skipping it and resuming from the newest checkpoint before it" in out.out + out.err
+    assert "resuming from" in out.out + out.err and "step-00000001" in out.out + out.err
+
+
+def test_a_checkpoint_without_its_optimizer_state_says_what_is_missing(argv, capsys, tmp_path):
+    saved_run(argv, capsys)
+    newest = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    (newest / "optimizer.pt").unlink()
+    assert main(argv("--resume", "--steps", "3")) == 2
+    err = capsys.readouterr().err
+    assert "lacks optimizer.pt" in err and "FSDP" not in err
+
+
+def test_out_under_a_regular_file_is_one_line(argv, capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    args = argv()
+    args[args.index("--out") + 1] = str(tmp_path / "file" / "run")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is a file; pass a folder" in err and err.count("\n") == 1

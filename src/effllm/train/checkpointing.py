@@ -58,6 +58,30 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json; CheckpointError when it is unreadable or not a run's state."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / STATE_FILE} is unreadable ({e})") from None
+    if not isinstance(state, dict) or not all(k in state for k in ("step", "samples_seen", "tokens_seen")):
+        raise CheckpointError(
+            f"{folder / STATE_FILE} is not a training state (no step, samples_seen, tokens_seen)"
+        )
+    return state
+
+
+def resume_point(out: str | os.PathLike, log) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint whose trainer state reads back, and that state; a newer one that does not is
+    skipped with a message through `log` (the atomic saves leave every older checkpoint whole)."""
+    for _, folder in reversed(list_checkpoints(out)):
+        try:
+            return folder, read_trainer_state(folder)
+        except CheckpointError as e:
+            log(f"{e}; skipping it and resuming from the newest checkpoint before it")
+    return None
+
+
 def remove_partial_checkpoints(out: str | os.PathLike) -> None:
     """Delete what saves that never finished left behind."""
     root = Path(out) / CHECKPOINTS
@@ -125,14 +149,19 @@ def load_training_state(
     Returns (trainer_state, this rank's state). The weights of a non-FSDP run are loaded by building the
     model from `folder` itself, which is a model checkpoint.
     """
-    trainer_state = json.loads((folder / STATE_FILE).read_text())
+    trainer_state = read_trainer_state(folder)
     if is_fsdp(model):
         if not (folder / SHARDED_DIR).is_dir():
             raise CheckpointError(f"{folder} was not saved by an FSDP run; resume it with --parallel ddp")
         _load_sharded(model, optimizer, folder / SHARDED_DIR)
     else:
-        if not (folder / OPTIMIZER_FILE).is_file():
+        if (folder / SHARDED_DIR).is_dir():
             raise CheckpointError(f"{folder} was saved by an FSDP run; resume it with --parallel fsdp")
+        if not (folder / OPTIMIZER_FILE).is_file():
+            raise CheckpointError(
+                f"{folder} lacks {OPTIMIZER_FILE} (the optimizer's state), so the run cannot continue exactly; "
+                "delete this checkpoint to resume from an earlier one"
+            )
         optimizer.load_state_dict(_load_torch(folder / OPTIMIZER_FILE)["optimizer"])
     rank_file = folder / f"rank-{env.rank}.pt"
     rank_state = _load_torch(rank_file if rank_file.is_file() else folder / "rank-0.pt")

@@ -31,9 +31,9 @@ from effllm.models.tokenizer import load_tokenizer
 from effllm.models.transformer import CausalLM
 from effllm.optim import build_optimizer, optimizer_options, requires_backward, steps_in_backward
 from effllm.train.checkpointing import (
-    latest_checkpoint,
     load_training_state,
     remove_partial_checkpoints,
+    resume_point,
     save_checkpoint,
     save_full_model,
 )
@@ -58,8 +58,24 @@ from effllm.train.metrics import (
 from effllm.train.progress import Progress
 from effllm.train.schedule import build_scheduler
 
-# Options that fix which tokens each step sees; a resumed run must keep them.
-DATA_OPTIONS = ("data", "eval_data", "eval_fraction", "text_field", "seq_len", "seed")
+# The options a resumed run may change: how long it runs, how often it saves, logs and evaluates, where
+# it runs. Any other change (model, tokenizer, data, sequence length, optimizer and its options, schedule,
+# precision, method ...) would make it a different run, so --resume refuses it.
+RESUMABLE_CHANGES = (
+    "steps",
+    "save_every",
+    "keep_last",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "tensorboard",
+    "peak_tflops",
+    "resume",
+    "out",
+    "cache_dir",
+    "device",
+    "parallel",
+)
 
 
 @dataclass
@@ -220,8 +236,9 @@ class Trainer:
     def _check_out(self) -> Path | None:
         """The checkpoint to resume from; ConfigError when --out holds something we must not overwrite."""
         out, cfg = self.out, self.config
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} is a file; pass a folder for the run")
+        for path in (out, *out.parents):
+            if path.exists() and not path.is_dir():
+                raise ConfigError(f"--out {out}: {path} is a file; pass a folder for the run")
         # A run that stopped while tokenizing leaves only its cache, which the next run reuses.
         occupied = out.is_dir() and any(p.name != "cache" for p in out.iterdir())
         is_run = (out / "train_config.yaml").exists()
@@ -232,7 +249,25 @@ class Trainer:
             )
         if occupied and not is_run:
             raise ConfigError(f"--out {out} holds files but no training run to resume; choose a new folder")
-        return latest_checkpoint(out) if cfg.resume else None
+        if not cfg.resume:
+            return None
+        found = resume_point(out, self._print)
+        if found is None:
+            return None
+        folder, state = found
+        self._check_same_run(folder, state.get("config", {}))
+        return folder
+
+    def _check_same_run(self, folder: Path, saved: dict[str, Any]) -> None:
+        """Refuse a resume whose options change what the run is, naming each changed field."""
+        now = self.config.to_dict()
+        changed = [k for k in now if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
+        if changed:
+            diffs = "; ".join(f"--{k.replace('_', '-')} was {saved[k]!r}, now {now[k]!r}" for k in changed)
+            raise ConfigError(
+                f"{folder} belongs to a different run: {diffs}. Resume with the run's own options (only "
+                f"{', '.join(RESUMABLE_CHANGES[:5])} ... may change) or train into a new --out"
+            )
 
     def _model_config(self) -> ModelConfig:
         cfg = self.config
@@ -269,13 +304,6 @@ class Trainer:
         trainer_state, rank_state = load_training_state(
             folder, self.model, self.optimizer, self.scheduler, self.env
         )
-        saved = trainer_state.get("config", {})
-        for name in DATA_OPTIONS:
-            if name in saved and saved[name] != getattr(self.config, name):
-                raise ConfigError(
-                    f"{folder} was trained with --{name.replace('_', '-')} {saved[name]!r}, not "
-                    f"{getattr(self.config, name)!r}; resume with the run's data options"
-                )
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
         self.tokens_seen = trainer_state["tokens_seen"]

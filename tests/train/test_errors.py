@@ -137,9 +137,13 @@ def saved_run(argv, capsys) -> list[str]:
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [(["--lr", "0.5"], "--lr was 0.0003, now 0.5"), (["--seq-len", "16"], "--seq-len was 32, now 16"),
-     (["--optimizer", "sgd"], "--optimizer was 'adamw', now 'sgd'"),
-     (["--optimizer-options", "betas=[0.8,0.9]"], "--optimizer-options"), (["--seed", "3"], "--seed was 0, now 3")],
+    [
+        (["--lr", "0.5"], "--lr was 0.0003, now 0.5"),
+        (["--seq-len", "16"], "--seq-len was 32, now 16"),
+        (["--optimizer", "sgd"], "--optimizer was 'adamw', now 'sgd'"),
+        (["--optimizer-options", "betas=[0.8,0.9]"], "--optimizer-options"),
+        (["--seed", "3"], "--seed was 0, now 3"),
+    ],
 )
 def test_resume_that_changes_the_run_is_refused_naming_old_and_new(argv, capsys, tmp_path, change, field):
     saved_run(argv, capsys)

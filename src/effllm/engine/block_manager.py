@@ -58,8 +58,8 @@ class BlockManager:
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks holding the longest cached prefix of the request's tokens (at least one token is left
         to compute, so that the step that finishes the prompt has a position to sample from)."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or request.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         hits = []
         for i in range((request.num_tokens - 1) // self.block_size):
             block = self.cached.get(self._key(request, i))

@@ -81,6 +81,7 @@ class ModelRunner:
         sampled token, or for a request verifying drafts the accepted drafts and the target's next token."""
         layout = self.layout(out)
         hidden = self.forward(layout)
+        self._score_prompts(out, layout, hidden)
         if not layout.sample_rows:
             return {}
         if len(layout.sample_rows) < hidden.shape[0]:
@@ -93,6 +94,26 @@ class ModelRunner:
             sampled = [next(drawn) for _ in range(len(request.draft_token_ids) + 1)]
             result[request] = accept_greedy(request.draft_token_ids, sampled)
         return result
+
+    def _score_prompts(self, out: SchedulerOutput, layout: StepLayout, hidden: torch.Tensor) -> None:
+        """Prompt logprobs: the row at position p scores prompt token p + 1 (raw logits, as the sampler's)."""
+        for r, (request, n) in enumerate(zip(out.requests, out.num_tokens, strict=True)):
+            k = request.params.prompt_logprobs
+            start = request.num_computed_tokens
+            end = min(start + n, request.num_prompt_tokens - 1)  # positions whose next token is in the prompt
+            if k is None or end <= start:
+                continue
+            row = layout.query_start_loc[r]
+            logp = self.model.logits(hidden[row : row + end - start]).float().log_softmax(dim=-1)
+            targets = torch.tensor(request.token_ids[start + 1 : end + 1], device=logp.device)
+            chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+            top = logp.topk(k, dim=-1) if k else None
+            for i, (token, value) in enumerate(zip(targets.tolist(), chosen, strict=True)):
+                entry = {}
+                if top is not None:
+                    entry.update(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
+                entry[token] = value
+                request.prompt_logprobs[start + 1 + i] = entry
 
     def layout(self, out: SchedulerOutput) -> StepLayout:
         """The step's `StepLayout`: each request's uncomputed tokens (and drafts), its blocks, its sample rows."""

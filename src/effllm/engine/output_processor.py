@@ -111,6 +111,7 @@ class OutputProcessor:
             parent.finished,
             metrics,
             first.num_cached_tokens,
+            None if first.prompt_logprobs is None else list(first.prompt_logprobs),
         )
 
 

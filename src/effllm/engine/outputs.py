@@ -47,6 +47,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    # With prompt_logprobs: per prompt token, {token id: logprob} given the tokens before it (None for the first).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     # The first sample's fields, for the common n = 1 case.
     @property

@@ -56,6 +56,11 @@ class Request:
         # With n > 1, samples after the first wait until it has prefilled the prompt, then share its blocks.
         self.wait_for: Request | None = None
         self.logprobs: list[dict[int, float]] = []
+        # With params.prompt_logprobs: per prompt position, {token: logprob} of that token given those before
+        # it (and the k likeliest); position 0 has none. Filled by the prefill, chunk by chunk.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            None if params.prompt_logprobs is None else [None] * len(prompt_token_ids)
+        )
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from effllm.core.errors import InputError
 
-_INTS = ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs")
-_OPTIONAL = ("max_tokens", "seed", "logprobs")
+_INTS = ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs")
+_OPTIONAL = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _BOOLS = ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens")
 
@@ -37,6 +37,9 @@ class SamplingParams:
     where it begins, unless include_stop_str_in_output), max_tokens, or the context length; never before
     min_tokens. seed makes sampling reproducible whatever the batch; with n > 1 sample i uses seed + i.
     logprobs k returns, per output token, the log-probabilities of the sampled token and the k most likely.
+    prompt_logprobs k returns, per prompt token after the first, its log-probability given the tokens
+    before it and the k most likely there (computed in the prefill; such a prompt skips the prefix cache).
+    max_tokens 0 (with prompt_logprobs) scores the prompt and generates nothing.
     """
 
     n: int = 1
@@ -55,6 +58,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -107,8 +111,10 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                self.max_tokens is None or self.max_tokens >= 1,
-                f"max_tokens must be at least 1, got {self.max_tokens}",
+                self.max_tokens is None
+                or self.max_tokens >= 1
+                or (self.max_tokens == 0 and self.scores_prompt_only),
+                f"max_tokens must be at least 1 (0 only with prompt_logprobs, to score a prompt), got {self.max_tokens}",
             ),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
             (
@@ -121,11 +127,20 @@ class SamplingParams:
                 "stop_token_ids must be non-negative token ids",
             ),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+            (
+                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+                f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}",
+            ),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+
+    @property
+    def scores_prompt_only(self) -> bool:
+        """max_tokens 0 with prompt_logprobs: the prompt is scored, nothing is generated."""
+        return self.max_tokens == 0 and self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:

@@ -57,10 +57,14 @@ class Scheduler:
         budget = self.budget
         # Running requests: decodes first, then prompts part-way through their prefill.
         queue = deque(sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1))
+        # Every decode gets its token before any request's drafts take budget (budget >= max_num_seqs).
+        decodes_left = sum(1 for r in queue if r.num_tokens - r.num_computed_tokens == 1)
         while queue and budget > 0:
             request = queue.popleft()
             left = request.num_tokens - request.num_computed_tokens
-            n = min(left + len(request.draft_token_ids), budget)
+            if left == 1:
+                decodes_left -= 1
+            n = min(left + len(request.draft_token_ids), budget - decodes_left if left == 1 else budget)
             del request.draft_token_ids[max(0, n - left) :]  # drafts the budget leaves no room for
             while not self.blocks.allocate(request, n):
                 victim = queue.pop() if queue else request
@@ -141,6 +145,10 @@ class Scheduler:
         """Append accepted tokens up to the first that stops the request; True when one did."""
         num_drafts = len(request.draft_token_ids)
         request.draft_token_ids = []
+        if request.params.scores_prompt_only:  # the prompt is scored; the sampled token is not wanted
+            request.num_computed_tokens -= 1
+            request.finish("length")
+            return True
         appended, stopped = 0, False
         for token, logprobs in accepted:
             request.append_token(token, logprobs)

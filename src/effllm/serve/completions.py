@@ -81,7 +81,9 @@ class Served:
 # ---------------------------------------------------------------- requests to engine inputs
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     """The engine's parameters for a request (OpenAI's defaults where it leaves a field out)."""
     return SamplingParams(
         n=req.n,
@@ -100,6 +102,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         ignore_eos=req.ignore_eos,
         seed=req.seed,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
     )
 
@@ -188,12 +191,16 @@ def completion_logprobs(
     for token, entry in zip(ids, entries, strict=True):
         text = tokens.text(token)
         out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if entry is None:  # the prompt's first token: nothing before it to predict it from
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(entry.get(token))
         top = {tokens.text(t): lp for t, lp in _top(entry, k)}
         top.setdefault(text, entry.get(token))
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(text)
     return out
 
 
@@ -320,8 +327,16 @@ def record_usage(request: Request, usage: _UsageCount) -> None:
 
 
 async def create_completion(served: Served, req: CompletionRequest, request: Request) -> Response:
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(
+            "max_tokens must be at least 1 (0 only with echo, which returns the scored prompt)",
+            param="max_tokens",
+        )
     prompts, texts = completion_prompts(served, req)
-    params = sampling_params(req, req.max_tokens, req.logprobs)
+    # echo with logprobs scores the prompt too (lm-evaluation-harness's log-likelihoods); max_tokens 0 needs it.
+    scores_prompt = req.echo and (req.logprobs is not None or req.max_tokens == 0)
+    prompt_logprobs = (req.logprobs or 0) if scores_prompt else None
+    params = sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
     stream = served.engine.submit(prompts, params)
     rid, created, usage = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _UsageCount()
     record_usage(request, usage)
@@ -346,6 +361,16 @@ async def create_completion(served: Served, req: CompletionRequest, request: Req
                 logprobs = completion_logprobs(
                     served.tokens, c.token_ids, c.logprobs or [], req.logprobs, len(echo[i])
                 )
+                if req.echo:  # the prompt's tokens first, each scored given those before it
+                    scored = completion_logprobs(
+                        served.tokens, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0
+                    )
+                    logprobs = CompletionLogprobs(
+                        **{
+                            k: getattr(scored, k) + getattr(logprobs, k)
+                            for k in CompletionLogprobs.model_fields
+                        }
+                    )
             choices.append(
                 CompletionChoice(
                     index=i * req.n + c.index,

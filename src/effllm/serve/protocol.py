@@ -72,7 +72,7 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt is scored, nothing generated
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
@@ -84,8 +84,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("best_of other than n is not supported; leave it out")
         if self.suffix:
             raise ValueError("suffix is not supported by this server; leave it out")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (prompt log-probabilities) is not supported")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise ValueError("echo with logprobs (prompt log-probabilities) is not supported when streaming")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -155,3 +155,76 @@ def test_bad_flags_exit_2_with_one_line(model_dir, capsys):
     assert capsys.readouterr().err == "effllm: error: --port must be in 0..65535, got 70000\n"
     assert main(["--model", model_dir, "--max-queue", "-1"]) == 2
     assert main(["--model", str(model_dir) + "-missing"]) == 2
+
+
+def stream_until_cut(url: str, events: list, streaming: threading.Event, max_tokens: int = 1000) -> None:
+    body = {"prompt": "go", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    streaming.set()
+    except httpx.HTTPError as e:
+        events.append(f"cut: {type(e).__name__}")
+
+
+def test_a_second_sigint_aborts_streams_properly_and_exits_0(model_dir):
+    proc, url, lines = start_server(model_dir, "--shutdown-timeout", "30")
+    events, streaming = [], threading.Event()
+    try:
+        client = threading.Thread(target=stream_until_cut, args=(url, events, streaming))
+        client.start()
+        assert streaming.wait(30)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        client.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert events[-1] == "data: [DONE]", events[-2:]
+    assert json.loads(events[-2][6:])["error"]["code"] == "unavailable"
+
+
+def test_two_quick_sigints_on_an_idle_server_exit_0(model_dir):
+    proc, _, _ = start_server(model_dir)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+
+
+def test_clients_that_leave_early_are_logged_as_499_with_what_they_used(model_dir):
+    import socket
+
+    proc, url, lines = start_server(model_dir)
+    try:
+        for _ in range(3):
+            with httpx.stream(
+                "POST",
+                f"{url}/v1/completions",
+                timeout=60,
+                json={"prompt": "go", "max_tokens": 500, "ignore_eos": True, "stream": True},
+            ) as r:
+                for i, _line in enumerate(r.iter_lines()):
+                    if i > 3:
+                        break
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as s:  # hangs up in the middle of its body
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"prompt": "hel'
+            )
+            time.sleep(0.3)
+        time.sleep(1.0)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    log = log_text(lines)
+    streamed = re.findall(r"POST /v1/completions 499 prompt_tokens=(\d+) completion_tokens=(\d+)", log)
+    assert len(streamed) == 3 and all(int(c) > 0 for _, c in streamed)
+    assert re.search(r"POST /v1/completions 499 \d", log)  # the hang-up: 499, no token counts
+    assert "Traceback" not in log and " 500 " not in log

@@ -20,13 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from effllm import __version__
 from effllm.core.errors import ConfigError, EffLLMError
 from effllm.core.text import invalid_text_path
 from effllm.serve.async_engine import AsyncEngine
-from effllm.serve.completions import Served, create_chat_completion, create_completion
+from effllm.serve.completions import CLIENT_CLOSED, Served, create_chat_completion, create_completion
 from effllm.serve.errors import (
     APIError,
     AuthenticationError,
@@ -247,7 +248,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EffLLMError, on_error)
     app.add_exception_handler(ValidationError, on_error)
     app.add_exception_handler(RequestValidationError, on_request_validation)
+
+    async def on_disconnect(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # nobody to answer: the client hung up mid-body
+
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
     app.add_exception_handler(Exception, on_error)
 
 
@@ -307,16 +313,27 @@ class RequestLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), 500
+        completed = gone = False
 
         async def send_and_note(message: Message) -> None:
-            nonlocal status
+            nonlocal status, completed
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                completed = True
             await send(message)
 
+        async def receive_and_note() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
+
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive_and_note, send_and_note)
         finally:
+            if gone and not completed:
+                status = CLIENT_CLOSED  # the client left before the response ended (nginx's 499)
             usage = scope.get("effllm.usage")
             tokens = (
                 ""

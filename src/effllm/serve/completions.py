@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -307,15 +307,25 @@ async def _events(
 
 @dataclass
 class _UsageCount:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    """Tokens of a request's prompts and completions so far (so a stream cut short still logs what it used)."""
+
+    counts: dict[str, tuple[int, int]] = field(
+        default_factory=dict
+    )  # engine request id -> (prompt, completion)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(p for p, _ in self.counts.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c for _, c in self.counts.values())
 
     def usage(self) -> Usage:
         return Usage.of(self.prompt_tokens, self.completion_tokens)
 
-    def add_final(self, out: RequestOutput) -> None:
-        self.prompt_tokens += len(out.prompt_token_ids)
-        self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+    def observe(self, out: RequestOutput) -> None:
+        self.counts[out.request_id] = (len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))
 
 
 def record_usage(request: Request, usage: _UsageCount) -> None:
@@ -354,7 +364,7 @@ async def create_completion(served: Served, req: CompletionRequest, request: Req
         return Response(status_code=CLIENT_CLOSED)
     choices = []
     for i, out in enumerate(finals):
-        usage.add_final(out)
+        usage.observe(out)
         for c in out.outputs:
             logprobs = None
             if req.logprobs is not None:
@@ -424,8 +434,7 @@ async def _completion_chunks(
                         stop_reason=c.stop_reason,
                     )
                 )
-        if out.finished:
-            usage.add_final(out)
+        usage.observe(out)
         if choices:
             yield CompletionResponse(id=rid, created=created, model=served.model_name, choices=choices)
 
@@ -452,7 +461,7 @@ async def create_chat_completion(served: Served, req: ChatCompletionRequest, req
     if finals is None:
         return Response(status_code=CLIENT_CLOSED)
     (out,) = finals
-    usage.add_final(out)
+    usage.observe(out)
     choices = []
     for c in out.outputs:
         logprobs = (
@@ -510,7 +519,6 @@ async def _chat_chunks(
                         finish_reason=c.finish_reason,
                     )
                 )
-        if out.finished:
-            usage.add_final(out)
+        usage.observe(out)
         if choices:
             yield chunk(choices)

@@ -3,8 +3,10 @@
 On the first signal uvicorn stops accepting connections and lets in-flight requests finish for up to
 `shutdown_timeout` seconds; then `on_shutdown_timeout` aborts the rest (each client gets a 503, or an
 error event and `data: [DONE]` on a stream), uvicorn cancels whatever still runs a few seconds later,
-and the app's shutdown stops the engine. A second Ctrl-C skips the wait. Unlike plain uvicorn, the
-process then exits 0 instead of re-raising the signal: a requested shutdown that went well is a success.
+and the app's shutdown stops the engine. A second Ctrl-C skips the wait: the requests still running are
+aborted at once, so each still gets its 503 or its error event and `[DONE]` (a third one exits without
+waiting for anything). Unlike plain uvicorn, the process then exits 0 instead of re-raising the signal: a
+requested shutdown that went well is a success; signals that arrive after the server stopped are ignored.
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ class Server(uvicorn.Server):
         self.port: int | None = None
         self.shutdown_timeout = shutdown_timeout
         self.on_shutdown_timeout = on_shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._signals = 0
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """First signal: shut down gracefully. Second: abort what still runs (answered properly). Third: force."""
+        self._signals += 1
+        if self._signals == 2 and self.on_shutdown_timeout is not None and self._loop is not None:
+            logger.warning("second signal: aborting the requests still running")
+            self._loop.call_soon_threadsafe(self.on_shutdown_timeout)
+            return
+        super().handle_exit(sig, frame)
+        if self._signals >= 2:
+            self.force_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -52,6 +67,7 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
             self.port = self.servers[0].sockets[0].getsockname()[1]
@@ -126,3 +142,6 @@ def run_server(
         on_shutdown_timeout=on_shutdown_timeout,
         log_level=log_level,
     ).run()
+    if threading.current_thread() is threading.main_thread():
+        for sig in _SIGNALS:  # the server is down: a late Ctrl-C must not turn a clean exit into a kill
+            signal.signal(sig, signal.SIG_IGN)

@@ -231,10 +231,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InputError(f"sampling params must be a SamplingParams, not {type(params).__name__}")
         vocab = self.model.config.vocab_size
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise InputError(
-                f"logprobs {params.logprobs} exceeds the vocabulary ({vocab} tokens); ask for fewer"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise InputError(f"{name} {k} exceeds the vocabulary ({vocab} tokens); ask for fewer")
         if min(ids) < 0 or max(ids) >= vocab:
             raise InputError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
         limit = self.config.max_model_len

@@ -22,6 +22,7 @@ from effllm.engine.sampler import Sampler
 from effllm.engine.scheduler import SchedulerOutput
 from effllm.engine.spec_decode.verify import accept_greedy
 from effllm.engine.step_layout import StepLayout, build_step_layout
+from effllm.models.decode_linear import use_decode_linears
 from effllm.models.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks(config, model.config, model.dtype, self.device, activation_bytes)
         self.cache = PagedKVCache(model.config, self.num_blocks, self.block_size, model.dtype, self.device)
         self.backend = make_backend(config.attention_backend, self.cache)
+        if self.device.type == "cpu" and config.cpu_gemv:
+            use_decode_linears(model)
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphs | None = None
         if isinstance(self.backend, TritonPagedAttention) and not config.enforce_eager:

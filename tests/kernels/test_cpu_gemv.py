@@ -1,0 +1,53 @@
+"""The CPU GEMV kernel against F.linear (its reference), and the DecodeLinear swap that uses it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effllm.kernels import cpu_gemv
+from effllm.models.decode_linear import DecodeLinear, use_decode_linears
+
+needs_kernel = pytest.mark.skipif(not cpu_gemv.gemv_available(), reason="no C compiler")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 192, 576), (2, 1536, 576), (1, 37, 129), (8, 64, 1000)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_matches_f_linear(dtype, rows, n, k, bias):
+    gen = torch.Generator().manual_seed(rows * n + k)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    x = torch.randn(1, rows, k, generator=gen).to(dtype)
+    with torch.inference_mode():
+        assert cpu_gemv.uses_kernel(x, weight) == (rows <= cpu_gemv.MAX_ROWS[dtype])
+        got = cpu_gemv.linear(x, weight, b)
+    expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+    assert got.dtype == dtype and got.shape == (1, rows, n)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # bf16 rounds the output (and its inputs)
+    torch.testing.assert_close(got.float(), expected, atol=tolerance * k**0.5, rtol=tolerance)
+
+
+def test_with_gradients_on_or_many_rows_it_is_f_linear():
+    weight, x = torch.randn(16, 32, requires_grad=True), torch.randn(2, 32)
+    assert not cpu_gemv.uses_kernel(x, weight)  # autograd needs F.linear's backward
+    cpu_gemv.linear(x, weight).sum().backward()
+    assert weight.grad is not None
+    with torch.inference_mode():
+        assert not cpu_gemv.uses_kernel(torch.randn(64, 32), weight.detach())
+        assert not cpu_gemv.uses_kernel(x, weight.detach().t().contiguous().t())  # not contiguous
+
+
+def test_decode_linears_keep_parameters_state_and_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16, bias=False))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 32)
+    with torch.inference_mode():
+        before = model(x)
+    assert use_decode_linears(model) == 2
+    assert all(isinstance(m, DecodeLinear) for m in (model[0], model[2]))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)

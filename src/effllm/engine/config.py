@@ -92,7 +92,8 @@ class EngineConfig:
     device: str | None = option(None, "cpu, cuda, cuda:N or auto (default: CUDA when available)")
     enforce_eager: bool = option(False, "never capture CUDA graphs of decode steps (CUDA)")
     cpu_gemv: bool = option(
-        True, "on CPU, run decode-sized linear layers through EffLLM's GEMV kernel instead of F.linear")
+        True, "on CPU, run decode-sized linear layers through EffLLM's GEMV kernel instead of F.linear"
+    )
     seed: int = option(
         0, "seed of the engine's shared sampling generator (requests with a seed use their own)"
     )

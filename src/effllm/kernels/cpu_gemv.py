@@ -26,8 +26,9 @@ _SIGNATURE = ([_p, _p, _p, _i, _i, _i, ctypes.c_int], None)
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    return load_kernel("gemv.c", {"gemv_f32": _SIGNATURE, "gemv_bf16": _SIGNATURE},
-                       flags=(*DEFAULT_FLAGS, "-fopenmp"))
+    return load_kernel(
+        "gemv.c", {"gemv_f32": _SIGNATURE, "gemv_bf16": _SIGNATURE}, flags=(*DEFAULT_FLAGS, "-fopenmp")
+    )
 
 
 def gemv_available() -> bool:
@@ -37,8 +38,13 @@ def gemv_available() -> bool:
 
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
-    return (weight.device.type == "cpu" and rows <= MAX_ROWS.get(weight.dtype, 0) and weight.is_contiguous()
-            and not torch.is_grad_enabled() and gemv_available())
+    return (
+        weight.device.type == "cpu"
+        and rows <= MAX_ROWS.get(weight.dtype, 0)
+        and weight.is_contiguous()
+        and not torch.is_grad_enabled()
+        and gemv_available()
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

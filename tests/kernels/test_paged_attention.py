@@ -109,13 +109,15 @@ def test_triton_kernel_matches_dense_attention_on_a_mixed_step(window, dtype):
 @pytest.mark.parametrize("window", [None, 3, 9])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (4, 4), (6, 1)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_compiled_cpu_decode_matches_dense_attention(window, heads, kv_heads, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_decode_matches_dense_attention(window, heads, kv_heads, threads, dtype):
     lengths = [1, 4, 5, 17, 30, 2]
     gen = torch.Generator().manual_seed(2)
-    keys = [torch.randn(n, kv_heads, DIM, generator=gen) for n in lengths]
-    values = [torch.randn(n, kv_heads, DIM, generator=gen) for n in lengths]
-    k_cache = torch.zeros(40, BLOCK, kv_heads, DIM)
-    v_cache = torch.zeros(40, BLOCK, kv_heads, DIM)
+    # The reference sees the cache's rounding (bf16 keys and values), in float32 arithmetic.
+    keys = [torch.randn(n, kv_heads, DIM, generator=gen).to(dtype).float() for n in lengths]
+    values = [torch.randn(n, kv_heads, DIM, generator=gen).to(dtype).float() for n in lengths]
+    k_cache = torch.zeros(40, BLOCK, kv_heads, DIM, dtype=dtype)
+    v_cache = torch.zeros(40, BLOCK, kv_heads, DIM, dtype=dtype)
     free = torch.randperm(40, generator=gen).tolist()
     tables = []
     for k, v in zip(keys, values, strict=True):
@@ -123,14 +125,14 @@ def test_compiled_cpu_decode_matches_dense_attention(window, heads, kv_heads, th
         write_kv(
             k_cache,
             v_cache,
-            k,
-            v,
+            k.to(dtype),
+            v.to(dtype),
             torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(k))]),
         )
         tables.append(blocks)
     width = max(map(len, tables))
     lo = [0 if window is None else max(0, n - window) for n in lengths]
-    q = torch.randn(len(lengths), heads, DIM, generator=gen)
+    q = torch.randn(len(lengths), heads, DIM, generator=gen).to(dtype)
     got = paged_decode_attention_cpu(
         q,
         k_cache,
@@ -141,9 +143,11 @@ def test_compiled_cpu_decode_matches_dense_attention(window, heads, kv_heads, th
         split_rows(lengths, lo, threads),
         DIM**-0.5,
     )
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
     for i in range(len(lengths)):
-        expected = dense(q[i : i + 1], keys[i], values[i], window)
-        torch.testing.assert_close(got[i : i + 1], expected, atol=1e-5, rtol=1e-5)
+        expected = dense(q[i : i + 1].float(), keys[i], values[i], window)
+        torch.testing.assert_close(got[i : i + 1].float(), expected, atol=tol, rtol=tol)
 
 
 def test_split_rows_balances_keys_and_covers_every_row():

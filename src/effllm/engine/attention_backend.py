@@ -21,7 +21,12 @@ from effllm.engine.kv_cache import PagedKVCache
 from effllm.engine.step_layout import StepLayout
 from effllm.kernels import paged_attention
 from effllm.kernels.attention import sdpa_attention
-from effllm.kernels.cpu_paged_attention import cpu_kernel_available, paged_decode_attention_cpu, split_rows
+from effllm.kernels.cpu_paged_attention import (
+    KERNEL_DTYPES,
+    cpu_kernel_available,
+    paged_decode_attention_cpu,
+    split_rows,
+)
 from effllm.kernels.paged_attention import (
     decode_key_mask,
     paged_attention_triton,
@@ -41,15 +46,15 @@ class PrefillChunk:
 class PagedAttention:
     """CPU (and reference) backend: decodes batched into one call, prefill chunks one SDPA call each.
 
-    Decodes use the compiled CPU kernel when it is available (float32 on CPU), else gathered blocks
+    Decodes use the compiled CPU kernel when it is available (a float32 or bfloat16 cache on CPU), else gathered blocks
     and SDPA; `use_compiled=False` forces the latter.
     """
 
     def __init__(self, cache: PagedKVCache, use_compiled: bool = True):
         self.cache = cache
         self.device = cache.k[0].device
-        cpu_f32 = self.device.type == "cpu" and cache.k[0].dtype == torch.float32
-        self.use_compiled = use_compiled and cpu_f32 and cpu_kernel_available()
+        kernel_dtype = self.device.type == "cpu" and cache.k[0].dtype in KERNEL_DTYPES
+        self.use_compiled = use_compiled and kernel_dtype and cpu_kernel_available()
         self.slot_mapping = torch.zeros(0, dtype=torch.long)
         self.decode_blocks: list[list[int]] = []
         self.decode_lens: list[int] = []

@@ -1,4 +1,4 @@
-"""A compiled CPU kernel for paged decode attention (float32), the CPU engine's fast path.
+"""A compiled CPU kernel for paged decode attention (float32 or bfloat16 cache), the CPU engine's fast path.
 
 The PyTorch path (`paged_decode_attention`) gathers every decode's blocks into a padded copy before
 SDPA reads them: three passes over the keys and values, plus padding, and OpenMP barriers that stall
@@ -21,9 +21,10 @@ import torch
 from effllm.kernels.cpu.build import load_kernel
 
 _p, _i = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {
-    "paged_decode_f32": ([_p, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, ctypes.c_float, _i, _i, _p], None)
-}
+_SIGNATURE = ([_p, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, ctypes.c_float, _i, _i, _p], None)
+_SIGNATURES = {"paged_decode_f32": _SIGNATURE, "paged_decode_bf16": _SIGNATURE}
+# The cache dtypes the kernel reads (q and out are float32 inside it).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -60,14 +61,16 @@ def paged_decode_attention_cpu(
     splits: list[tuple[int, int]],
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence over its paged keys, float32 on CPU; needs `cpu_kernel_available()`.
+    """One query per sequence over its paged keys, a float32 or bfloat16 cache on CPU; needs
+    `cpu_kernel_available()`. The result has q's dtype.
 
     q: [B, H, D]; block_tables: [B, width] int64, each row the sequence's blocks from position 0;
     lens, lo: [B] int64, row b sees keys lo[b] .. lens[b]-1; `splits` (from `split_rows`) are the row
     ranges computed in parallel. Returns [B, H, D].
     """
     global _pool
-    q, block_tables = q.contiguous(), block_tables.contiguous()
+    q_dtype = q.dtype
+    q, block_tables = q.to(torch.float32).contiguous(), block_tables.contiguous()
     b, h, d = q.shape
     out = torch.empty_like(q)
     args = (
@@ -86,9 +89,9 @@ def paged_decode_attention_cpu(
     )
     if len(splits) > 1 and _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="effllm-attn")
-    kernel = _library().paged_decode_f32
+    kernel = _library().paged_decode_bf16 if k_cache.dtype == torch.bfloat16 else _library().paged_decode_f32
     futures = [_pool.submit(kernel, *args, start, end, out.data_ptr()) for start, end in splits[1:]]
     kernel(*args, splits[0][0], splits[0][1], out.data_ptr())
     for future in futures:
         future.result()
-    return out
+    return out.to(q_dtype)

@@ -8,33 +8,27 @@
 #include <stdint.h>
 #include <string.h>
 
-void gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const float *wn = w + n * K;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            float s = 0.f;
-            for (int64_t k = 0; k < K; k++) s += xm[k] * wn[k];
-            y[m * N + n] = s;
-        }
-    }
+static inline float widen_bf16(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#define LOAD_F32(x) (x)
+
+#define GEMV(NAME, T, LOAD) \
+void NAME(const float *x, const T *w, float *y, int64_t M, int64_t N, int64_t K, int threads) { \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)") \
+    for (int64_t n = 0; n < N; n++) { \
+        const T *wn = w + n * K; \
+        for (int64_t m = 0; m < M; m++) { \
+            const float *xm = x + m * K; \
+            float s = 0.f; \
+            for (int64_t k = 0; k < K; k++) s += xm[k] * LOAD(wn[k]); \
+            y[m * N + n] = s; \
+        } \
+    } \
 }
 
-void gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint16_t *wn = w + n * K;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            float s = 0.f;
-            for (int64_t k = 0; k < K; k++) {
-                uint32_t bits = (uint32_t)wn[k] << 16;
-                float wk;
-                memcpy(&wk, &bits, sizeof wk);
-                s += xm[k] * wk;
-            }
-            y[m * N + n] = s;
-        }
-    }
-}
+GEMV(gemv_f32, float, LOAD_F32)
+GEMV(gemv_bf16, uint16_t, widen_bf16)

@@ -106,3 +106,12 @@ def test_kv_cache_memory_sets_the_number_of_blocks(tiny_llama):
     assert engine.block_manager.num_blocks == 10
     with pytest.raises(ConfigError, match="kv-cache-memory"):
         LLM(tiny_llama, kv_cache_memory=per_block - 1)
+
+
+def test_the_threads_option_sets_torchs_thread_count(tiny_llama):
+    before = torch.get_num_threads()
+    try:
+        LLM(tiny_llama, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -91,6 +91,11 @@ class EngineConfig:
     dtype: str | None = option(None, "float32, bfloat16, float16 or auto (default: the checkpoint's)")
     device: str | None = option(None, "cpu, cuda, cuda:N or auto (default: CUDA when available)")
     enforce_eager: bool = option(False, "never capture CUDA graphs of decode steps (CUDA)")
+    threads: int | None = option(
+        None,
+        "CPU threads for the model's kernels (torch.set_num_threads, process-wide; default: torch's, one per "
+        "core). On a shared 2-core machine 2 beat 1 by 1.1-1.3x in decode (docs/benchmarks.md)",
+    )
     cpu_gemv: bool = option(
         True, "on CPU, run decode-sized linear layers through EffLLM's GEMV kernel instead of F.linear"
     )
@@ -103,7 +108,7 @@ class EngineConfig:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+        for name in ("num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")

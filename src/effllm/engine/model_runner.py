@@ -33,6 +33,8 @@ SampledTokens = dict[Request, list[tuple[int, dict[int, float] | None]]]
 
 class ModelRunner:
     def __init__(self, model: CausalLM, config: EngineConfig):
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.model = model
         self.config = config
         self.device = model.device

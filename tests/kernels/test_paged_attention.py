@@ -1,8 +1,11 @@
 """Paged attention equals dense SDPA over the same keys, for decodes, prefill chunks and sliding windows."""
 
+import os
+
 import pytest
 import torch
 
+from effllm.kernels import paged_attention
 from effllm.kernels.attention import sdpa_attention
 from effllm.kernels.cpu_paged_attention import cpu_kernel_available, paged_decode_attention_cpu, split_rows
 from effllm.kernels.paged_attention import (
@@ -74,31 +77,44 @@ def test_prefill_chunk_matches_dense_attention(window, q_start, q_len):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.cuda
+TRITON_DEVICES = [
+    pytest.param("cuda", marks=pytest.mark.cuda),
+    # Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            paged_attention.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+            reason="needs triton and TRITON_INTERPRET=1",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_matches_dense_attention_on_a_mixed_step(window, dtype):
+def test_triton_kernel_matches_dense_attention_on_a_mixed_step(window, dtype, device):
     # Three sequences: a decode at 30 keys, a chunk of 5 after 11 cached keys, a fresh prompt of 7.
     lengths, chunks = [30, 16, 7], [1, 5, 7]
     keys, values = random_sequences(lengths)
-    k_cache, v_cache, tables = scatter_into_pages(keys, values, num_blocks=40, device="cuda", dtype=dtype)
+    k_cache, v_cache, tables = scatter_into_pages(keys, values, num_blocks=40, device=device, dtype=dtype)
     width = max(map(len, tables))
     block_tables = torch.tensor(
-        [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda"
+        [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device
     )
     seq_ids = torch.tensor(
-        [i for i, c in enumerate(chunks) for _ in range(c)], dtype=torch.int32, device="cuda"
+        [i for i, c in enumerate(chunks) for _ in range(c)], dtype=torch.int32, device=device
     )
     positions = torch.tensor(
         [p for n, c in zip(lengths, chunks, strict=True) for p in range(n - c, n)],
         dtype=torch.int32,
-        device="cuda",
+        device=device,
     )
-    q = torch.randn(sum(chunks), HEADS, DIM, device="cuda", dtype=dtype)
+    q = torch.randn(sum(chunks), HEADS, DIM, device=device, dtype=dtype)
     got = paged_attention_triton(q, k_cache, v_cache, block_tables, seq_ids, positions, window, DIM**-0.5)
     start = 0
     for c, k, v in zip(chunks, keys, values, strict=True):
-        k, v = (x.to("cuda", dtype).float() for x in (k, v))  # the cache's rounding, fp32 arithmetic
+        k, v = (x.to(device, dtype).float() for x in (k, v))  # the cache's rounding, fp32 arithmetic
         expected = dense(q[start : start + c].float(), k, v, window)
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(got[start : start + c].float(), expected, atol=tol, rtol=tol)

@@ -50,7 +50,7 @@ class ModelRunner:
             use_decode_linears(model)
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphs | None = None
-        if isinstance(self.backend, TritonPagedAttention) and not config.enforce_eager:
+        if isinstance(self.backend, TritonPagedAttention) and on_cuda and not config.enforce_eager:
             self.graphs = self._capture_graphs()
 
     @torch.inference_mode()

@@ -16,7 +16,9 @@ import torch
 
 from effllm.analyze.hardware import Hardware, get_hardware, measure_hardware
 from effllm.analyze.roofline import roofline_fraction
+from effllm.bench.peers.run import PEERS, run_peer_script
 from effllm.bench.shapes import add_engine_args, add_model_args, bench_checkpoint, engine_args
+from effllm.core.errors import ConfigError
 from effllm.engine import EngineConfig, LLMEngine, SamplingParams
 from effllm.models import load_model
 
@@ -76,7 +78,7 @@ def _measure(run, model, prompt, new_tokens, reps) -> dict:
 def _roofline_fractions(result: dict, config, hardware: Hardware, bits: int) -> None:
     """Add each engine's measured speed as a fraction of the roofline (decode at the mean context)."""
     p, n = result["prompt_tokens"], result["new_tokens"]
-    for name in ("effllm", "transformers"):
+    for name in ("effllm", *PEERS):
         if name in result:
             r = result[name]
             r["prefill_fraction_of_roofline"] = roofline_fraction(
@@ -94,11 +96,20 @@ def run_generate_bench(
     prompt_tokens: int = 512,
     new_tokens: int = 128,
     reps: int = 3,
-    peers: bool = True,
+    peers: bool | list[str] = True,
     hardware: str | Hardware | None = None,
+    peer_python: str | None = None,
     **engine_options,
 ) -> dict:
-    """Measure effllm (and transformers) side by side; `hardware` None measures this machine in the run."""
+    """Measure effllm and its peers side by side; `hardware` None measures this machine in the run.
+
+    peers: True for transformers, False for none, or names from PEERS; a peer other than transformers runs
+    its script (bench/peers/) with `peer_python`, the python of the venv it was installed in.
+    """
+    peers = ["transformers"] if peers is True else list(peers or [])
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise ConfigError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
     hw = get_hardware(hardware) if hardware is not None else measure_hardware(copy_mib=512, repeats=3)
     # Every rep sends the same prompt: with prefix caching on, later reps would skip the prefill.
     options = {**NO_PREFIX_CACHING, **engine_options}
@@ -122,7 +133,16 @@ def run_generate_bench(
             ),
         }
         del model
-        if peers:
+        for name in peers:
+            if name != "transformers":
+                result[name] = run_peer_script(
+                    PEERS[name], peer_python, model_path, dtype, prompt_tokens, new_tokens, reps
+                )
+                for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+                    result[f"{key.split('_')[0]}_speedup_vs_{name}"] = round(
+                        result["effllm"][key] / result[name][key], 3
+                    )
+        if "transformers" in peers:
             from transformers import AutoModelForCausalLM
 
             hf = AutoModelForCausalLM.from_pretrained(
@@ -144,7 +164,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--no-peers", action="store_true", help="skip transformers")
+    parser.add_argument("--no-peers", action="store_true", help="measure effllm alone")
+    parser.add_argument(
+        "--peers",
+        default="transformers",
+        help=f"comma-separated peers to run beside effllm: {', '.join(PEERS)} (default transformers)",
+    )
+    parser.add_argument(
+        "--peer-python",
+        default=None,
+        help="the python of the venv a non-transformers peer is installed in (scripts/peers/)",
+    )
     parser.add_argument(
         "--hardware",
         default=None,
@@ -162,8 +192,9 @@ def main(args: argparse.Namespace) -> int:
         args.prompt_tokens,
         args.new_tokens,
         args.reps,
-        not args.no_peers,
+        [] if args.no_peers else [p.strip() for p in args.peers.split(",") if p.strip()],
         args.hardware,
+        args.peer_python,
         **engine_args(args),
     )
     if args.json:
@@ -172,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"{result['model']} {args.dtype}, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens"
     )
-    for name in ("effllm", "transformers"):
+    for name in ("effllm", *PEERS):
         if name in result:
             r = result[name]
             print(

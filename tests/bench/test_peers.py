@@ -23,10 +23,19 @@ def test_a_peer_script_runs_with_its_python_and_is_compared(tmp_path, monkeypatc
     script.write_text(FAKE)
     monkeypatch.setitem(peers.PEERS, "fake", str(script))
     monkeypatch.setattr(generate, "PEERS", peers.PEERS)
-    result = generate.run_generate_bench(shape="tiny", prompt_tokens=16, new_tokens=4, reps=1, peers=["fake"],
-                                         hardware="a100-80g", peer_python=sys.executable)
+    result = generate.run_generate_bench(
+        shape="tiny",
+        prompt_tokens=16,
+        new_tokens=4,
+        reps=1,
+        peers=["fake"],
+        hardware="a100-80g",
+        peer_python=sys.executable,
+    )
     assert result["fake"]["decode_tokens_per_s"] == 10.0
-    assert result["decode_speedup_vs_fake"] == pytest.approx(result["effllm"]["decode_tokens_per_s"] / 10.0, rel=1e-2)
+    assert result["decode_speedup_vs_fake"] == pytest.approx(
+        result["effllm"]["decode_tokens_per_s"] / 10.0, rel=1e-2
+    )
     json.dumps(result)
 
 
@@ -34,6 +43,8 @@ def test_unknown_peers_and_broken_peer_pythons_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown peer 'vllm2'; choose from transformers, llama.cpp"):
         generate.run_generate_bench(shape="tiny", peers=["vllm2"], hardware="a100-80g")
     with pytest.raises(ConfigError, match="does not exist"):
-        peers.run_peer_script("llama_cpp_runner.py", str(tmp_path / "nope" / "python"), "m", "float32", 4, 2, 1)
+        peers.run_peer_script(
+            "llama_cpp_runner.py", str(tmp_path / "nope" / "python"), "m", "float32", 4, 2, 1
+        )
     with pytest.raises(ConfigError, match="peer failed"):  # this venv has no llama_cpp
         peers.run_peer_script("llama_cpp_runner.py", sys.executable, str(tmp_path), "float32", 4, 2, 1)

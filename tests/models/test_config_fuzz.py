@@ -1,4 +1,4 @@
-"""A corrupt or hostile config.json loads or fails with an EffLLMError, quickly and before allocating the model."""
+"""A corrupt or hostile config.json loads or fails with an EffLLMError at once, before allocating the model."""
 
 import json
 import math
@@ -91,7 +91,7 @@ def checkpoint(tmp_path_factory):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.dictionaries(st.sampled_from(KEYS), BAD_VALUES, min_size=1, max_size=3))
-def test_mutated_config_loads_or_fails_cleanly_within_a_second(checkpoint, mutations):
+def test_mutated_config_loads_or_fails_cleanly_and_at_once(checkpoint, mutations):
     path = checkpoint / "config.json"
     original = path.read_text()
     raw = json.loads(original)
@@ -103,7 +103,9 @@ def test_mutated_config_loads_or_fails_cleanly_within_a_second(checkpoint, mutat
             model = load_model(checkpoint, device="cpu")
         except EffLLMError:
             model = None
-        assert time.perf_counter() - start < 1.0
+        # Not a speed assertion: a config that would build forever (10M layers took minutes and GBs before)
+        # must fail at once. Building 60 meta layers of a loaded 2-core machine can take over a second.
+        assert time.perf_counter() - start < 10.0
         if model is not None:  # a mutation the model tolerates: it must still compute finite logits
             with torch.no_grad():
                 assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()

@@ -169,3 +169,18 @@ def test_streamed_deltas_add_up_and_never_show_a_stop_string(byte_llm):
 def test_invalid_sampling_params_raise_at_construction(kwargs):
     with pytest.raises(InputError):
         SamplingParams(**kwargs)
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_never_draw_impossible_tokens():
+    from effllm.engine.sampler import draw_from
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]])
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    drawn = draw_from(probs.repeat_interleave(n, dim=0), torch.rand(2 * n, generator=gen)).view(2, n)
+    counts = torch.stack([torch.bincount(row, minlength=5) for row in drawn]).float() / n
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((counts - probs).abs() <= 4 * sigma + 1e-9).all(), counts
+    assert counts[0, 1] == counts[0, 4] == 0 and (drawn[1] == 3).all()
+    edge = draw_from(probs[:1], torch.tensor([1 - 1e-7]))  # u at the top never runs past the vocabulary
+    assert edge.item() == 3

@@ -59,17 +59,30 @@ class Sampler:
         elif any(k < vocab for k in top_k):
             x = _top_k(x, top_k)
         probs = x.softmax(dim=-1)
-        drawn = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        # One uniform per row: from the request's own generator when it has a seed, else the engine's.
+        u = torch.empty(len(rows), device=logits.device)
         seeded = [j for j, i in enumerate(rows) if requests[i].seed is not None]
         shared = [j for j, i in enumerate(rows) if requests[i].seed is None]
         for j in seeded:
-            generator = requests[rows[j]].sampling_generator(self.device)
-            drawn[j] = torch.multinomial(probs[j], 1, generator=generator)[0]
+            u[j] = torch.rand(
+                1, generator=requests[rows[j]].sampling_generator(self.device), device=u.device
+            )[0]
         if shared:
-            drawn[shared] = torch.multinomial(probs[shared], 1, generator=self.generator)[:, 0]
+            u[shared] = torch.rand(len(shared), generator=self.generator, device=u.device)
+        drawn = draw_from(probs, u)
         tokens = logits.argmax(dim=-1)
         tokens[rows] = drawn
         return tokens
+
+
+def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: per row of probs [R, V], the first token whose cumulative probability exceeds
+    u[r] times the row's total, u uniform in [0, 1). Exact like torch.multinomial, but one random number per
+    row instead of one per vocabulary entry (~50 us instead of ~0.9 ms over 49k tokens on a 2-core CPU).
+    A token of probability 0 is never drawn (the cumulative sum does not rise there)."""
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return index.clamp_max(probs.shape[-1] - 1)
 
 
 def _banned_tokens(request: Request) -> list[int]:

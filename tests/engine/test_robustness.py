@@ -64,6 +64,18 @@ def test_an_unknown_engine_option_lists_the_valid_ones(tiny_llama):
         LLM(tiny_llama, unknown_option=1)
 
 
+PROBE = [[3, 1, 4, 1, 5, 9, 2, 6]]
+
+
+@pytest.fixture(scope="module")
+def fresh_outputs(tiny_llama):
+    return (
+        LLM(tiny_llama)
+        .generate(PROBE, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+        .token_ids
+    )
+
+
 def poison_runner(llm: LLM) -> None:
     execute = llm.engine.runner.execute
 
@@ -101,18 +113,6 @@ def test_after_any_mix_of_failing_requests_a_valid_one_matches_a_fresh_engine(
     assert (
         llm.generate(PROBE, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].token_ids
         == fresh_outputs
-    )
-
-
-PROBE = [[3, 1, 4, 1, 5, 9, 2, 6]]
-
-
-@pytest.fixture(scope="module")
-def fresh_outputs(tiny_llama):
-    return (
-        LLM(tiny_llama)
-        .generate(PROBE, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
-        .token_ids
     )
 
 

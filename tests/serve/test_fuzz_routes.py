@@ -55,7 +55,13 @@ def bodies(draw):
     body = draw(st.dictionaries(st.sampled_from(names + ["unexpected"]), VALUES, max_size=5))
     body.setdefault("model", MODEL_NAME)
     if draw(st.booleans()) and "max_tokens" in names:
-        body["max_tokens"] = draw(st.integers(-2, 8))  # keep generations short
+        body["max_tokens"] = draw(st.integers(-2, 8))
+    for key in (
+        "max_tokens",
+        "max_completion_tokens",
+    ):  # keep generations short (a 400 past the context anyway)
+        if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > 8:
+            body[key] = 8
     return path, body
 
 
@@ -66,7 +72,7 @@ def client(engine):
 
 
 def check_response(r) -> None:
-    assert r.status_code != 500 and r.status_code < 500, r.text[:500]
+    assert r.status_code < 500, r.text[:500]
     if r.status_code != 200:
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -80,8 +86,6 @@ def check_response(r) -> None:
 @given(bodies())
 def test_random_bodies_never_get_a_500(client, case):
     path, body = case
-    if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:
-        body["max_tokens"] = 8
     raw = json.dumps(
         body, ensure_ascii=True
     ).encode()  # ensure_ascii: lone surrogates travel as \\udXXX escapes

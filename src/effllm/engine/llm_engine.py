@@ -225,8 +225,8 @@ class LLMEngine:
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise InputError("the prompt is empty; give at least one token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            bad = next(t for t in ids if not isinstance(t, int) or isinstance(t, bool))
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
+        if bad is not None:
             raise InputError(f"prompt token ids must be integers, got {bad!r}")
         if not isinstance(params, SamplingParams):
             raise InputError(f"sampling params must be a SamplingParams, not {type(params).__name__}")

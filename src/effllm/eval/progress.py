@@ -12,11 +12,11 @@ class _Silent:
 
 
 @contextmanager
-def progress_bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "seq"):
     if not (enabled and sys.stderr.isatty()):
         yield _Silent()
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True, file=sys.stderr) as bar:
+    with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr) as bar:
         yield bar

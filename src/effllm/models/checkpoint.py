@@ -16,9 +16,10 @@ from torch import nn
 from effllm.core.dtypes import dtype_name, parse_device, parse_dtype
 from effllm.core.errors import CheckpointError
 from effllm.core.memory import check_fits
+from effllm.models import quantized_linear  # noqa: F401  (registers the compressed-tensors layout)
 from effllm.models.config import ModelConfig
 from effllm.models.hub import checkpoint_file, resolve_model_path
-from effllm.models.layouts import apply_layout, compression_section
+from effllm.models.layouts import apply_layout, compression_section, quantization_section
 from effllm.models.rope import RotaryEmbedding
 from effllm.models.safetensors_io import iter_tensors
 from effllm.models.transformer import CausalLM
@@ -87,7 +88,10 @@ def load_model(
     )
     with torch.device("meta"):
         model = CausalLM(config)
-        apply_layout(model, compression_section(config.effllm))
+        apply_layout(
+            model,
+            compression_section(config.effllm) or quantization_section(config.quantization_config),
+        )
     expected = _loadable_tensors(model)
     loaded: set[str] = set()
     for file in files:

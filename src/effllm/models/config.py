@@ -84,6 +84,8 @@ class ModelConfig:
     torch_dtype: str | None = None
     # Keys EffLLM itself keeps in config.json (quantization, skip plans ...), saved back untouched.
     effllm: dict[str, Any] = field(default_factory=dict)
+    # The Hugging Face `quantization_config` (compressed-tensors, gptq, awq ...), saved back untouched.
+    quantization_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_values()
@@ -263,6 +265,10 @@ class ModelConfig:
             kwargs["mlp_bias"] = bool(raw.get("mlp_bias", False))
         kwargs["sliding_windows"] = _read_sliding_windows(raw, model_type, num_layers)
         kwargs["effllm"] = dict(raw.get("effllm") or {})
+        if raw.get("quantization_config") is not None:
+            if not isinstance(raw["quantization_config"], dict):
+                raise ConfigError("config.json: quantization_config must be a mapping")
+            kwargs["quantization_config"] = dict(raw["quantization_config"])
         return cls(**kwargs)
 
     @classmethod
@@ -331,6 +337,8 @@ class ModelConfig:
             ]
         if self.effllm:
             out["effllm"] = dict(self.effllm)
+        if self.quantization_config is not None:
+            out["quantization_config"] = dict(self.quantization_config)
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -48,11 +48,27 @@ def compression_section(effllm_section: dict[str, Any]) -> dict[str, Any] | None
     return section
 
 
+def quantization_section(quantization_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The layout section for a Hugging Face `quantization_config` (None when there is none).
+
+    compressed-tensors maps to the layout of that name (the whole mapping is its section); formats
+    EffLLM cannot read yet are refused here, with what to do instead."""
+    if quantization_config is None:
+        return None
+    method = quantization_config.get("quant_method")
+    if method == "compressed-tensors":
+        return {**quantization_config, "layout": "compressed-tensors"}
+    raise CheckpointError(
+        f"config.json's quantization_config is {method!r}, which EffLLM cannot load yet (it reads "
+        "compressed-tensors); convert the checkpoint with llm-compressor or load the dense model"
+    )
+
+
 def apply_layout(model: nn.Module, section: dict[str, Any] | None) -> None:
     """Swap `model`'s modules for the runtime layout `section` describes (nothing for dense weights)."""
     if section is None:
         return
-    name = section["format"]
+    name = section.get("layout", section.get("format"))
     if name not in LAYOUTS:
         known = ", ".join(sorted(LAYOUTS)) or "none in this install"
         raise CheckpointError(

@@ -1,0 +1,219 @@
+"""`effllm compress quantize`: quantize a checkpoint's linear layers and write it in compressed-tensors.
+
+    effllm compress quantize --model M --scheme w4a16 --method gptq --group-size 32 --out DIR
+
+It ends with a report: weight bytes before and after, held-out perplexity (*Persuasion*) before and after,
+and batch-1 decode tokens/s before and after with its fraction of this machine's memory roofline
+(`--no-report` skips the measurements). The output folder loads in `effllm generate`, `serve`, `eval`,
+`bench` and `analyze` like any checkpoint, and in vLLM and llm-compressor (compressed-tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from effllm.core.errors import InputError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compress", help="quantize a model (compressed-tensors checkpoints)", description="Model compression."
+    )
+    sub = p.add_subparsers(dest="compress_command", metavar="{quantize}", required=True)
+    q = sub.add_parser(
+        "quantize",
+        help="quantize the linear layers (W8A16, W4A16, W8A8; RTN, GPTQ, AWQ, SmoothQuant)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
+    q.add_argument(
+        "--out", required=True, help="folder to write the quantized checkpoint to (must not exist)"
+    )
+    q.add_argument(
+        "--scheme",
+        required=True,
+        choices=["w8a16", "w4a16", "w8a8"],
+        help="w8a16: int8 weights per channel; w4a16: int4 weights in groups; w8a8: int8 weights "
+        "per channel and int8 activations per token (dynamic)",
+    )
+    q.add_argument(
+        "--method",
+        default="rtn",
+        choices=["rtn", "gptq", "awq", "smoothquant"],
+        help="rtn (no data), gptq, awq (weight-only schemes), smoothquant (w8a8); default rtn",
+    )
+    q.add_argument(
+        "--group-size", type=int, default=32, choices=[32, 64, 128], help="w4a16 group size (default 32)"
+    )
+    q.add_argument("--asymmetric", action="store_true", help="w4a16: asymmetric grid with zero points")
+    q.add_argument(
+        "--skip",
+        default="lm_head",
+        help="comma-separated linear names (or re:PATTERN) left dense (default lm_head; '' for none)",
+    )
+    q.add_argument(
+        "--format",
+        default="compressed-tensors",
+        choices=["compressed-tensors"],
+        help="checkpoint format (default compressed-tensors)",
+    )
+    q.add_argument(
+        "--calibration-data",
+        default=None,
+        help="text or jsonl file for gptq/awq/smoothquant (default: the shipped training books)",
+    )
+    q.add_argument("--num-samples", type=int, default=64, help="calibration samples (default 64)")
+    q.add_argument(
+        "--calibration-seq-len", type=int, default=256, help="tokens per calibration sample (default 256)"
+    )
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (default 0.01)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
+    q.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of scales and the dense layers (default: the checkpoint's)",
+    )
+    q.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="skip the perplexity and speed measurements of the report",
+    )
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=run_quantize)
+
+
+def make_config(args: argparse.Namespace):
+    from effllm.compress import SCHEMES
+
+    cls = SCHEMES[args.scheme]
+    options = {
+        "method": args.method,
+        "skip": [s for s in args.skip.split(",") if s],
+        "damp": args.damp,
+        "act_order": args.act_order,
+        "alpha": args.alpha,
+    }
+    if args.scheme == "w4a16":
+        options.update(group_size=args.group_size, symmetric=not args.asymmetric)
+    return cls(**options)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+
+    from effllm.compress import calibration_ids, quantize_
+    from effllm.models import load_model, load_tokenizer, save_model
+    from effllm.models.default import default_model_path
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out} already exists; pass a new --out folder")
+    config = make_config(args)
+    config.check()
+    path = args.model or str(default_model_path())
+    model = load_model(path, dtype=args.dtype, device="cpu")
+    tokenizer = load_tokenizer(path)
+    before = _measure(model, tokenizer) if args.report else {}
+    bytes_before = weight_bytes(model)
+    ids = None
+    if config.method != "rtn":
+        ids = calibration_ids(tokenizer, args.num_samples, args.calibration_seq_len, args.calibration_data)
+    start = time.perf_counter()
+    quantize_(model, config, calibration=ids)
+    seconds = time.perf_counter() - start
+    save_model(model, out, tokenizer=tokenizer)
+    report = {
+        "model": path,
+        "out": str(out),
+        "scheme": args.scheme,
+        "method": config.method,
+        "group_size": getattr(config, "group_size", None),
+        "quantize_seconds": round(seconds, 2),
+        "weight_bytes_before": bytes_before,
+        "weight_bytes_after": weight_bytes(model),
+        "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+    }
+    if args.report:
+        after = _measure(model, tokenizer)
+        report.update({f"{k}_before": v for k, v in before.items()})
+        report.update({f"{k}_after": v for k, v in after.items()})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    return 0
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and persistent buffer (a tied head counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b is not None]:
+        if t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total - sum(
+        b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("inv_freq")
+    )
+
+
+def _measure(model, tokenizer) -> dict:
+    """Held-out perplexity (first 20,000 words of Persuasion) and batch-1 decode speed with its roofline share."""
+    import torch
+
+    from effllm.analyze.hardware import measure_hardware
+    from effllm.bench.generate import _effllm_run
+    from effllm.bench.generate import _measure as measure_run
+    from effllm.engine.config import EngineConfig
+    from effllm.engine.llm_engine import LLMEngine
+    from effllm.eval.corpus import heldout_text
+    from effllm.eval.perplexity import perplexity
+
+    text = " ".join(heldout_text().split(" ")[:20000])
+    ppl = perplexity(model, tokenizer, text, batch_size=8)
+    prompt = torch.randint(
+        0, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
+    engine = LLMEngine(model, config=EngineConfig(enable_prefix_caching=False))
+    speed = measure_run(_effllm_run, engine, prompt, 64, 1)
+    del engine
+    bandwidth = measure_hardware(copy_mib=256, matmul_n=256, repeats=3).bandwidth
+    streamed = (
+        weight_bytes(model)
+        - model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    )
+    if getattr(model.config, "tie_word_embeddings", False):  # the tied head streams the embedding matrix
+        streamed += model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    tok_s = speed["decode_tokens_per_s"]
+    return {
+        "perplexity": round(ppl.token_perplexity, 3),
+        "decode_tokens_per_s": round(tok_s, 2),
+        "decode_fraction_of_roofline": round(tok_s * streamed / bandwidth, 3),
+    }
+
+
+def _print_report(r: dict) -> None:
+    mb = 1e6
+    print(f"wrote {r['out']}: {r['scheme']} ({r['method']}) in {r['quantize_seconds']} s")
+    print(
+        f"  weights     {r['weight_bytes_before'] / mb:8.1f} MB -> {r['weight_bytes_after'] / mb:8.1f} MB "
+        f"({r['weight_bytes_after'] / r['weight_bytes_before']:.2f}x); checkpoint {r['checkpoint_bytes'] / mb:.1f} MB"
+    )
+    if "perplexity_before" in r:
+        change = 100 * (r["perplexity_after"] / r["perplexity_before"] - 1)
+        print(
+            f"  perplexity  {r['perplexity_before']:8.3f}    -> {r['perplexity_after']:8.3f}    ({change:+.2f}%, "
+            "held-out Persuasion, first 20,000 words, per token)"
+        )
+        print(
+            f"  decode      {r['decode_tokens_per_s_before']:8.1f} tok/s -> {r['decode_tokens_per_s_after']:8.1f} tok/s "
+            f"({r['decode_tokens_per_s_after'] / r['decode_tokens_per_s_before']:.2f}x; batch 1, 256-token prompt; "
+            f"{100 * r['decode_fraction_of_roofline_before']:.0f}% -> "
+            f"{100 * r['decode_fraction_of_roofline_after']:.0f}% of the memory roofline)"
+        )

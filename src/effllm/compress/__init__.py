@@ -1,0 +1,6 @@
+"""Model compression: weight quantization (`quantize_` with the W8A16, W4A16 and W8A8 schemes)."""
+
+from effllm.compress.calibration import calibration_ids
+from effllm.compress.schemes import SCHEMES, W4A16, W8A8, W8A16, QuantizeConfig, quantize_
+
+__all__ = ["SCHEMES", "W4A16", "W8A8", "W8A16", "QuantizeConfig", "calibration_ids", "quantize_"]

@@ -1,0 +1,334 @@
+/* Quantized matrix-vector products for decode-sized batches: y[m, n] = sum_k x[m, k] * W[n, k], with W
+   stored in fewer bits and widened in registers (weights are read once, all M rows of x against them).
+
+   gemv_w4   4-bit weights, the compressed-tensors `pack-quantized` bytes as they are stored: row n holds
+             K/2 bytes, byte b the unsigned codes u of k = 2b (low nibble) and k = 2b + 1 (high nibble).
+             W[n, k] = (u - z[n, g]) * s[n, g] for the group g = k / group_size; z (unsigned bytes
+             [N, G]) is NULL for symmetric weights, whose zero is 8. group_size is a multiple of 32; x is
+             split into even and odd columns per 32 so that one byte load feeds two FMAs without shuffles.
+   gemv_w8   8-bit weights per output channel stored as the unsigned codes u = q + 128 of
+             `pack-quantized`, W[n, k] = (u[n, k] - 128) * s[n], float activations.
+   gemv_w8a8 8-bit weights per channel and 8-bit activations per row (dynamic, symmetric: the row's
+             absolute maximum maps to 127), integer dot products (AVX-512 VNNI `vpdpbusd` takes unsigned
+             times signed bytes, so x is offset by 128 and 128 * sum_k q[n, k], `rowsum`, taken back).
+
+   x and y are float32, or bfloat16 with io_bf16; the scales are float32 or bfloat16 (`scale_bf16`), as
+   the checkpoint stores them. Each kernel has a portable scalar path for CPUs without AVX-512 (and VNNI); the
+   build helper compiles with -march=native, so the preprocessor picks what this CPU has. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+/* x [M, K] -> xs [M, K] with each 32 columns reordered as the 16 even ones, then the 16 odd ones. */
+static void split_even_odd(const float *x, float *xs, int64_t M, int64_t K) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < K; c += 32)
+            for (int j = 0; j < 16; j++) {
+                xs[m * K + c + j] = x[m * K + c + 2 * j];
+                xs[m * K + c + 16 + j] = x[m * K + c + 2 * j + 1];
+            }
+}
+
+#define MR 4 /* rows of x per pass over a weight row */
+
+/* The i-th scale, stored as float32 or (bf16 != 0) bfloat16, the top half of a float32. */
+static inline float load_scale(const void *s, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)s)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)s)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* 4-bit weights with AVX-512 BF16 dot products: a bfloat16 with bits 0x4300 | u is exactly 128 + u, so
+   OR-ing the nibbles into 0x4300 dequantizes them to 128 + u for free, `vdpbf16ps` multiplies 32 pairs by
+   bfloat16 activations, and sum_k (128 + z) x_k per group is taken back once per row. The activations
+   are rounded to bfloat16 (W4A16 computes with 16-bit activations). Each 64 columns: even columns, then
+   odd ones, as bfloat16 (xb); xsum holds each group's sum of the rounded activations. */
+static void gemv_w4_bf16dot(const float *x, const uint8_t *w, const void *scale, int scale_bf16,
+                            const uint8_t *zero, float *y, int64_t M, int64_t N, int64_t K, int64_t group_size,
+                            int threads) {
+    const int64_t G = K / group_size;
+    uint16_t *xb = malloc(sizeof(uint16_t) * M * K);
+    float *xsum = calloc(M * G, sizeof(float));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < K; c += 64)
+            for (int j = 0; j < 64; j++) {
+                const int64_t k = c + (j < 32 ? 2 * j : 2 * (j - 32) + 1);
+                float v = k < K ? x[m * K + k] : 0.f;
+                uint32_t bits;
+                memcpy(&bits, &v, sizeof bits);
+                bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even */
+                const uint16_t b = (uint16_t)(bits >> 16);
+                xb[m * K + c + j] = b;
+                const uint32_t wide = (uint32_t)b << 16;
+                float r;
+                memcpy(&r, &wide, sizeof r);
+                if (k < K) xsum[m * G + k / group_size] += r;
+            }
+    int shift = 0;
+    while ((1 << shift) < group_size) shift++;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wn = w + n * (K / 2);
+        const uint8_t *zn = zero ? zero + n * G : NULL;
+        const __m512i low4 = _mm512_set1_epi16(0xF), magic = _mm512_set1_epi16(0x4300);
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int64_t mr = M - m0 < MR ? M - m0 : MR;
+            __m512 acc[MR];
+            for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < K; c += 64) {
+                const int64_t g0 = c >> shift, g1 = (c + 32) >> shift;
+                const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(load_scale(scale, scale_bf16, n * G + g0)), 0xFF00,
+                                                    _mm512_set1_ps(load_scale(scale, scale_bf16, n * G + g1)));
+                const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wn + c / 2)));
+                const __m512bh lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(v, low4), magic);
+                const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+                for (int r = 0; r < mr; r++) {
+                    const uint16_t *xr = xb + (m0 + r) * K + c;
+                    __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, (__m512bh)_mm512_loadu_si512(xr));
+                    t = _mm512_dpbf16_ps(t, hi, (__m512bh)_mm512_loadu_si512(xr + 32));
+                    acc[r] = _mm512_fmadd_ps(t, s, acc[r]);
+                }
+            }
+            for (int r = 0; r < mr; r++) {
+                float corr = 0.f;
+                const float *xs = xsum + (m0 + r) * G;
+                for (int64_t g = 0; g < G; g++)
+                    corr += load_scale(scale, scale_bf16, n * G + g) * (128.f + (zn ? (float)zn[g] : 8.f)) * xs[g];
+                y[(m0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]) - corr;
+            }
+        }
+    }
+    free(xb);
+    free(xsum);
+}
+#endif
+
+static void gemv_w4_f32(const float *x, const uint8_t *w, const void *scale, int scale_bf16, const uint8_t *zero, float *y,
+             int64_t M, int64_t N, int64_t K, int64_t group_size, int threads) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (K % 64 == 0) {
+        gemv_w4_bf16dot(x, w, scale, scale_bf16, zero, y, M, N, K, group_size, threads);
+        return;
+    }
+#endif
+    float *xs = malloc(sizeof(float) * M * K);
+    split_even_odd(x, xs, M, K);
+    const int64_t G = K / group_size;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wn = w + n * (K / 2);
+        const uint8_t *zn = zero ? zero + n * G : NULL;
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int64_t mr = M - m0 < MR ? M - m0 : MR;
+#ifdef __AVX512F__
+            __m512 acc[MR];
+            for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+            const __m512i low4 = _mm512_set1_epi32(0xF);
+            for (int64_t g = 0; g < G; g++) {
+                const float sg = load_scale(scale, scale_bf16, n * G + g), zg = zn ? (float)zn[g] : 8.f;
+                const __m512 s = _mm512_set1_ps(sg), zs = _mm512_set1_ps(-zg * sg);
+                for (int64_t c = g * group_size; c < (g + 1) * group_size; c += 32) {
+                    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wn + c / 2)));
+                    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), s, zs);
+                    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, zs);
+                    for (int r = 0; r < mr; r++) {
+                        const float *xr = xs + (m0 + r) * K + c;
+                        acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r]);
+                        acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), acc[r]);
+                    }
+                }
+            }
+            for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
+#else
+            for (int r = 0; r < mr; r++) {
+                const float *xr = xs + (m0 + r) * K;
+                float total = 0.f;
+                for (int64_t c = 0; c < K; c += 32) {
+                    const int64_t g = c / group_size;
+                    const float zg = zn ? (float)zn[g] : 8.f;
+                    float part = 0.f;
+                    for (int j = 0; j < 16; j++) {
+                        const uint8_t b = wn[c / 2 + j];
+                        part += ((float)(b & 0xF) - zg) * xr[c + j] + ((float)(b >> 4) - zg) * xr[c + 16 + j];
+                    }
+                    total += part * load_scale(scale, scale_bf16, n * G + g);
+                }
+                y[(m0 + r) * N + n] = total;
+            }
+#endif
+        }
+    }
+    free(xs);
+}
+
+static void gemv_w8_f32(const float *x, const uint8_t *w, const void *scale, int scale_bf16, float *y, int64_t M, int64_t N,
+             int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wn = w + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int64_t mr = M - m0 < MR ? M - m0 : MR;
+            float total[MR] = {0.f, 0.f, 0.f, 0.f};
+            int64_t k = 0;
+#ifdef __AVX512F__
+            __m512 acc[MR];
+            for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+            const __m512i offset = _mm512_set1_epi32(128);
+            for (; k + 16 <= K; k += 16) {
+                const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wn + k)));
+                const __m512 wv = _mm512_cvtepi32_ps(_mm512_sub_epi32(u, offset));
+                for (int r = 0; r < mr; r++)
+                    acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (m0 + r) * K + k), acc[r]);
+            }
+            for (int r = 0; r < mr; r++) total[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+            for (; k < K; k++)
+                for (int r = 0; r < mr; r++) total[r] += (float)((int)wn[k] - 128) * x[(m0 + r) * K + k];
+            const float sn = load_scale(scale, scale_bf16, n);
+            for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = total[r] * sn;
+        }
+    }
+}
+
+/* Per-row symmetric int8 quantization of x: xq = round(x / sx) + 128 as unsigned bytes, sx = amax / 127. */
+static void quantize_rows(const float *x, uint8_t *xq, float *sx, int64_t M, int64_t K) {
+    for (int64_t m = 0; m < M; m++) {
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
+        const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+        sx[m] = s;
+        for (int64_t k = 0; k < K; k++) {
+            float q = nearbyintf(x[m * K + k] * inv);
+            q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
+            xq[m * K + k] = (uint8_t)((int)q + 128);
+        }
+    }
+}
+
+static void gemv_w8a8_f32(const float *x, const int8_t *w, const void *scale, int scale_bf16, const int32_t *rowsum,
+               float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    uint8_t *xq = malloc(M * K);
+    float *sx = malloc(sizeof(float) * M);
+    quantize_rows(x, xq, sx, M, K);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wn = w + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int64_t mr = M - m0 < MR ? M - m0 : MR;
+            int32_t total[MR] = {0, 0, 0, 0};
+            int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+            __m512i acc[MR];
+            for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_si512();
+            for (; k + 64 <= K; k += 64) {
+                const __m512i wv = _mm512_loadu_si512((const void *)(wn + k));
+                for (int r = 0; r < mr; r++)
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_loadu_si512((const void *)(xq + (m0 + r) * K + k)), wv);
+            }
+            for (int r = 0; r < mr; r++) total[r] = _mm512_reduce_add_epi32(acc[r]);
+#endif
+            for (; k < K; k++)
+                for (int r = 0; r < mr; r++) total[r] += (int32_t)xq[(m0 + r) * K + k] * (int32_t)wn[k];
+            for (int r = 0; r < mr; r++)
+                y[(m0 + r) * N + n] = (float)(total[r] - 128 * rowsum[n]) * sx[m0 + r] * load_scale(scale, scale_bf16, n);
+        }
+    }
+    free(xq);
+    free(sx);
+}
+
+/* The exported kernels: x and y float32, or bfloat16 when io_bf16 (widened and narrowed here, so that a
+   bfloat16 model needs no conversions around the call). */
+static const float *input_f32(const void *x, int io_bf16, int64_t n) {
+    if (!io_bf16) return (const float *)x;
+    float *out = malloc(sizeof(float) * n);
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+        memcpy(out + i, &bits, sizeof bits);
+    }
+    return out;
+}
+
+static void output_done(const float *x32, const void *x, float *y32, void *y, int io_bf16, int64_t n) {
+    if (!io_bf16) return;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, y32 + i, sizeof bits);
+        bits += 0x7FFF + ((bits >> 16) & 1);
+        ((uint16_t *)y)[i] = (uint16_t)(bits >> 16);
+    }
+    if ((const void *)x32 != x) free((void *)x32);
+    free(y32);
+}
+
+void gemv_w4(const void *x, const uint8_t *w, const void *scale, int scale_bf16, const uint8_t *zero, void *y,
+             int64_t M, int64_t N, int64_t K, int64_t group_size, int io_bf16, int threads) {
+    const float *x32 = input_f32(x, io_bf16, M * K);
+    float *y32 = io_bf16 ? malloc(sizeof(float) * M * N) : (float *)y;
+    gemv_w4_f32(x32, w, scale, scale_bf16, zero, y32, M, N, K, group_size, threads);
+    output_done(x32, x, y32, y, io_bf16, M * N);
+}
+
+void gemv_w8(const void *x, const uint8_t *w, const void *scale, int scale_bf16, void *y, int64_t M, int64_t N,
+             int64_t K, int io_bf16, int threads) {
+    const float *x32 = input_f32(x, io_bf16, M * K);
+    float *y32 = io_bf16 ? malloc(sizeof(float) * M * N) : (float *)y;
+    gemv_w8_f32(x32, w, scale, scale_bf16, y32, M, N, K, threads);
+    output_done(x32, x, y32, y, io_bf16, M * N);
+}
+
+void gemv_w8a8(const void *x, const int8_t *w, const void *scale, int scale_bf16, const int32_t *rowsum, void *y,
+               int64_t M, int64_t N, int64_t K, int io_bf16, int threads) {
+    const float *x32 = input_f32(x, io_bf16, M * K);
+    float *y32 = io_bf16 ? malloc(sizeof(float) * M * N) : (float *)y;
+    gemv_w8a8_f32(x32, w, scale, scale_bf16, rowsum, y32, M, N, K, threads);
+    output_done(x32, x, y32, y, io_bf16, M * N);
+}
+
+/* Dequantize a whole weight into out [N, K] (float32, or bfloat16 when out_bf16), for the larger batches
+   that run through a dense GEMM: bits 4 (packed codes, zero codes or NULL, groups) or 8 (unsigned codes
+   q + 128 when offset is 128, signed int8 when it is 0; one scale per row). */
+static inline uint16_t narrow_bf16(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+void dequantize_rows(const uint8_t *w, int bits, int offset, const void *scale, int scale_bf16, const uint8_t *zero,
+                     void *out, int out_bf16, int64_t N, int64_t K, int64_t group_size, int threads) {
+    const int64_t G = bits == 4 ? K / group_size : 1, L = bits == 4 ? group_size : K;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float row[L];
+        for (int64_t g = 0; g < G; g++) {
+            const float s = load_scale(scale, scale_bf16, n * G + g);
+            if (bits == 4) {
+                const float z = zero ? (float)zero[n * G + g] : 8.f;
+                const uint8_t *b = w + n * (K / 2) + g * (L / 2);
+                for (int64_t j = 0; j < L / 2; j++) {
+                    row[2 * j] = ((float)(b[j] & 0xF) - z) * s;
+                    row[2 * j + 1] = ((float)(b[j] >> 4) - z) * s;
+                }
+            } else if (offset) {
+                const uint8_t *b = w + n * K;
+                for (int64_t j = 0; j < L; j++) row[j] = (float)((int)b[j] - offset) * s;
+            } else {
+                const int8_t *b = (const int8_t *)w + n * K;
+                for (int64_t j = 0; j < L; j++) row[j] = (float)b[j] * s;
+            }
+            const int64_t base = n * K + g * L;
+            if (out_bf16)
+                for (int64_t j = 0; j < L; j++) ((uint16_t *)out)[base + j] = narrow_bf16(row[j]);
+            else
+                memcpy((float *)out + base, row, sizeof(float) * L);
+        }
+    }
+}

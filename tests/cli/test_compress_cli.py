@@ -1,0 +1,94 @@
+"""`effllm compress quantize` from the command line: a loadable checkpoint, the report, bad input."""
+
+import json
+
+import pytest
+
+from effllm.cli import main
+from effllm.cli.init_model import init_model
+from effllm.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return init_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("effllm: error: ") and "Traceback" not in err
+    return err
+
+
+def test_quantize_writes_a_checkpoint_that_generate_runs(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert (
+        main(
+            [
+                "compress",
+                "quantize",
+                "--model",
+                str(tiny),
+                "--scheme",
+                "w4a16",
+                "--out",
+                str(out),
+                "--no-report",
+            ]
+        )
+        == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert type(load_model(out, device="cpu").model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    assert main(["generate", "Hello", "--model", str(out), "--max-tokens", "4"]) == 0
+
+
+def test_gptq_with_calibration_file_and_the_report(tiny, tmp_path, capsys):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"line {i} of some calibration text."}) for i in range(50)))
+    out = tmp_path / "q"
+    argv = [
+        "compress",
+        "quantize",
+        "--model",
+        str(tiny),
+        "--scheme",
+        "w8a8",
+        "--method",
+        "gptq",
+        "--out",
+        str(out),
+        "--calibration-data",
+        str(data),
+        "--num-samples",
+        "4",
+        "--calibration-seq-len",
+        "32",
+        "--json",
+    ]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weight_bytes_after"] < report["weight_bytes_before"]
+    assert report["perplexity_after"] > 0 and report["decode_tokens_per_s_after"] > 0
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys):
+    out = tmp_path / "q"
+    base = ["compress", "quantize", "--model", str(tiny), "--out", str(out), "--no-report"]
+    err = _one_line_error(capsys, [*base, "--scheme", "w4a16", "--group-size", "128"])
+    assert "q_proj: in_features 64 is not divisible by group size 128; choose --group-size 32 or 64" in err
+    assert not out.exists()
+    assert "does not apply to W4A16" in _one_line_error(
+        capsys, [*base, "--scheme", "w4a16", "--method", "smoothquant"]
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": 1}\n')
+    err = _one_line_error(
+        capsys, [*base, "--scheme", "w8a16", "--method", "awq", "--calibration-data", str(bad)]
+    )
+    assert "bad.jsonl:1 is not a JSON object with a 'text' string" in err and not out.exists()
+    out.mkdir()
+    assert "already exists" in _one_line_error(capsys, [*base, "--scheme", "w8a16"])

@@ -23,6 +23,7 @@ from effllm.engine.scheduler import SchedulerOutput
 from effllm.engine.spec_decode.verify import accept_greedy
 from effllm.engine.step_layout import StepLayout, build_step_layout
 from effllm.models.decode_linear import use_decode_linears
+from effllm.models.fused_projections import fuse_projections
 from effllm.models.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class ModelRunner:
         self.backend = make_backend(config.attention_backend, self.cache)
         if self.device.type == "cpu" and config.cpu_gemv:
             use_decode_linears(model)
+            fuse_projections(model)
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphs | None = None
         if isinstance(self.backend, TritonPagedAttention) and on_cuda and not config.enforce_eager:

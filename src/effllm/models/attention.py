@@ -15,6 +15,7 @@ from torch import nn
 
 from effllm.kernels.attention import sdpa_attention
 from effllm.models.config import ModelConfig
+from effllm.models.fused_projections import current
 from effllm.models.rope import apply_rotary
 
 
@@ -56,9 +57,14 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend | None = None
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        fused = self.__dict__.get("fused_qkv")  # models.fused_projections, in the engine
+        if fused is not None and current(fused, self.q_proj, self.k_proj, self.v_proj) is not None:
+            q, k, v = fused(x).split(fused.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if attn is None:
             out = sdpa_attention(q, k, v, scale=self.scale, window=self.window)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effllm.models.config import ModelConfig
+from effllm.models.fused_projections import current
 
 
 class RMSNorm(nn.Module):
@@ -35,4 +36,8 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.__dict__.get("fused_gate_up")  # models.fused_projections, in the engine
+        if fused is not None and current(fused, self.gate_proj, self.up_proj) is not None:
+            gate, up = fused(x).split(fused.split_sizes, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -189,7 +189,8 @@ class QuantizedLinear(nn.Module):
     def _kernel_call(self):
         """(kernel, arguments between x and y, arguments after M, tensors they point into) for the compiled
         kernel, rebuilt when the buffers change; None without the library or for a layer it cannot take."""
-        key = (self.weight_scale.data_ptr(), self.weight_scale._version)
+        scale = self.weight_scale
+        key = (scale.data_ptr(), 0 if scale.is_inference() else scale._version)
         if self._runtime is not None and self._runtime[0] == key:
             return self._runtime[1]
         call = None

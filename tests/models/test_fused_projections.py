@@ -1,0 +1,44 @@
+"""Fused q/k/v and gate/up: the same outputs and state_dict as the separate projections, no second copy."""
+
+import pytest
+import torch
+
+from effllm.compress import W4A16, W8A8, quantize_
+from effllm.models.fused_projections import fuse_projections
+from effllm.models.quantized_linear import QuantizedLinear
+from tests.compress.conftest import quant_model
+
+
+@pytest.mark.parametrize("config", [None, W4A16(), W8A8(), W4A16(symmetric=False)])
+@pytest.mark.parametrize("rows", [1, 7, 20])
+def test_fused_model_computes_the_same_logits(config, rows):
+    model = quant_model()
+    if config is not None:
+        quantize_(model, config, show_progress=False)
+    ids = torch.randint(0, 96, (1, rows), generator=torch.Generator().manual_seed(rows))
+    keys = list(model.state_dict())
+    with torch.inference_mode():
+        before = model(ids)
+        fused = fuse_projections(model)
+        after = model(ids)
+    assert fused == (0 if not getattr(config, "symmetric", True) else 4)  # asymmetric zeros stay apart
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert list(model.state_dict()) == keys
+
+
+def test_parts_become_views_and_a_swapped_part_retires_the_fusion():
+    model = quant_model()
+    fuse_projections(model)
+    attn = model.model.layers[0].self_attn
+    fused = attn.__dict__["fused_qkv"]
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+    ids = torch.randint(0, 96, (1, 5))
+    quantize_(model, W4A16(), show_progress=False)  # replaces q/k/v: the old fused module must not be used
+    assert isinstance(attn.q_proj, QuantizedLinear)
+    with torch.inference_mode():
+        got = model(ids)
+        reference = model.model.layers  # unfused path of the same quantized model
+        for layer in reference:
+            layer.self_attn.__dict__.pop("fused_qkv")
+            layer.mlp.__dict__.pop("fused_gate_up")
+        torch.testing.assert_close(got, model(ids))

@@ -71,7 +71,7 @@ def fuse_rows(parts: list[nn.Module]) -> nn.Module | None:
     if bias[0] is not None:
         fused.bias = nn.Parameter(torch.cat([b.detach() for b in bias]), requires_grad=False)
     start = 0
-    for p, size in zip(parts, sizes):  # the parts now read the fused tensors (no second copy)
+    for p, size in zip(parts, sizes, strict=True):  # the parts now read the fused tensors (no second copy)
         rows = slice(start, start + size)
         if isinstance(p, QuantizedLinear):
             for name in _ROW_TENSORS:
@@ -92,7 +92,7 @@ def current(fused: nn.Module | None, *parts: nn.Module) -> nn.Module | None:
     """`fused` when it still fuses exactly `parts` (a swapped projection, e.g. by quantize_, retires it)."""
     if fused is None or len(fused.parts) != len(parts):
         return None
-    return fused if all(a is b for a, b in zip(fused.parts, parts)) else None
+    return fused if all(a is b for a, b in zip(fused.parts, parts, strict=True)) else None
 
 
 def fuse_projections(model: nn.Module) -> int:

@@ -36,7 +36,7 @@ def layer(grid, n, k, dtype, bias=False, seed=0):
 @pytest.mark.parametrize("name", list(GRIDS))
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k", [128, 384, 160])
+@pytest.mark.parametrize("k", [128, 384, 576, 160])
 def test_kernel_matches_the_reference(name, rows, dtype, k):
     bits, group, *_ = GRIDS[name]
     if group and k % group:

@@ -33,7 +33,7 @@ def streamed_bytes(model) -> int:
 
     embed = model.model.embed_tokens.weight
     total = weight_bytes(model) - embed.numel() * embed.element_size()
-    if model.lm_head.weight is embed:
+    if getattr(model.lm_head, "weight", None) is embed:
         total += embed.numel() * embed.element_size()
     return total
 

@@ -15,8 +15,9 @@ import torch
 
 from effllm.kernels.cpu.build import DEFAULT_FLAGS, cpu_features, load_kernel
 
-# Rows (tokens) up to which the kernels beat dequantize + F.linear (measured: docs/compression.md).
-MAX_ROWS = 8
+# Rows (tokens) up to which the kernels beat dequantize + F.linear, by (weight bits, activation bits);
+# measured on SmolLM-135M shapes, 2 threads (docs/compression.md).
+MAX_ROWS = {(4, 16): 8, (8, 16): 8, (8, 8): 16}
 
 _p, _i, _c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {

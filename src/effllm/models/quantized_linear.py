@@ -235,14 +235,14 @@ class QuantizedLinear(nn.Module):
 
     def uses_kernel(self, rows: int) -> bool:
         return (
-            rows <= cpu_quant_gemv.MAX_ROWS
+            rows <= cpu_quant_gemv.MAX_ROWS[self.bits, self.activation_bits]
             and not torch.is_grad_enabled()
             and self._kernel_call() is not None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= cpu_quant_gemv.MAX_ROWS and not torch.is_grad_enabled():
+        if rows <= cpu_quant_gemv.MAX_ROWS[self.bits, self.activation_bits] and not torch.is_grad_enabled():
             call = self._kernel_call()
             if call is not None:
                 fn, before, after, _ = call

@@ -104,9 +104,9 @@ def test_bad_input_is_one_line_and_changes_nothing(model):
 def test_layout_refuses_formats_it_cannot_read(model, tmp_path):
     save_model(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="'gptq', which EffLLM cannot load yet"):
+    with pytest.raises(CheckpointError, match="'bitsandbytes', which EffLLM cannot load yet"):
         load_model(tmp_path, device="cpu")
 
 

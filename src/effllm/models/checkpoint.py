@@ -18,6 +18,7 @@ from effllm.core.errors import CheckpointError
 from effllm.core.memory import check_fits
 from effllm.models import quantized_linear  # noqa: F401  (registers the compressed-tensors layout)
 from effllm.models.config import ModelConfig
+from effllm.models.foreign_quant import finalize as finalize_foreign_quant
 from effllm.models.hub import checkpoint_file, resolve_model_path
 from effllm.models.layouts import apply_layout, compression_section, quantization_section
 from effllm.models.rope import RotaryEmbedding
@@ -122,6 +123,7 @@ def load_model(
         raise CheckpointError(
             f"{folder}: missing tensors {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
         )
+    finalize_foreign_quant(model)  # GPTQ / AWQ tensors -> the compressed-tensors modules EffLLM runs
     # Non-persistent buffers (rotary frequencies) are computed, not loaded.
     model.model.rotary_emb = RotaryEmbedding(config).to(target_device)
     config.torch_dtype = dtype_name(target_dtype)

@@ -51,16 +51,16 @@ def compression_section(effllm_section: dict[str, Any]) -> dict[str, Any] | None
 def quantization_section(quantization_config: dict[str, Any] | None) -> dict[str, Any] | None:
     """The layout section for a Hugging Face `quantization_config` (None when there is none).
 
-    compressed-tensors maps to the layout of that name (the whole mapping is its section); formats
-    EffLLM cannot read yet are refused here, with what to do instead."""
+    compressed-tensors, gptq and awq map to the layouts of those names (the whole mapping is the section);
+    formats EffLLM cannot read yet are refused here, with what to do instead."""
     if quantization_config is None:
         return None
     method = quantization_config.get("quant_method")
-    if method == "compressed-tensors":
-        return {**quantization_config, "layout": "compressed-tensors"}
+    if method in ("compressed-tensors", "gptq", "awq"):
+        return {**quantization_config, "layout": method}
     raise CheckpointError(
         f"config.json's quantization_config is {method!r}, which EffLLM cannot load yet (it reads "
-        "compressed-tensors); convert the checkpoint with llm-compressor or load the dense model"
+        "compressed-tensors, gptq and awq); convert the checkpoint with llm-compressor or load the dense model"
     )
 
 

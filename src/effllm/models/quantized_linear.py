@@ -18,6 +18,7 @@ rounds the activations per token first, so both paths compute the same function)
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
@@ -147,12 +148,16 @@ class QuantizedLinear(nn.Module):
         zero_shape = (self.out_features, self.weight_scale.shape[1])
         return q, unpack_int32(self.weight_zero_point, self.bits, zero_shape, dim=0)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] as floats: through the C kernel on CPU when it is built, else in PyTorch."""
+    def dequantized_weight(
+        self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weight [N, K] as floats: through the C kernel on CPU when it is built (into `out` when
+        given), else in PyTorch."""
         call = self._kernel_call() if dtype in (torch.float32, torch.bfloat16) else None
         if call is not None:
             scale, zero = call[3][0], (call[3][1] if self.bits == 4 and self.activation_bits == 16 else None)
-            out = torch.empty(self.out_features, self.in_features, dtype=dtype)
+            if out is None:
+                out = torch.empty(self.out_features, self.in_features, dtype=dtype)
             codes = self.weight if self.activation_bits == 8 else self.weight_packed
             offset = 0 if self.activation_bits == 8 else 128
             cpu_quant_gemv._library().dequantize_rows(
@@ -263,7 +268,23 @@ class QuantizedLinear(nn.Module):
         if self.activation_bits == 8:
             x = fake_quantize_per_token(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        scratch = None
+        if not torch.is_grad_enabled() and self.weight_scale.device.type == "cpu":
+            scratch = _scratch((self.out_features, self.in_features), x.dtype)  # no allocation per call
+        return F.linear(x, self.dequantized_weight(x.dtype, scratch), bias)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer for dequantized weights of one shape, reused call after call: allocating a fresh
+    multi-megabyte tensor per call costs page faults that take as long as the dequantization."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (shape, dtype)
+    if key not in buffers:
+        buffers[key] = torch.empty(shape, dtype=dtype)
+    return buffers[key]
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:

@@ -105,3 +105,18 @@ def test_per_token_fake_quantization_by_hand():
     got = fake_quantize_per_token(x)
     torch.testing.assert_close(got, torch.tensor([[1.27, -0.5, 0.0], [0.0, 0.0, 0.0]]))
     assert fake_quantize_per_token(torch.tensor([[1.0, 0.003]]))[0, 1] == 0  # below half a step of 1/127
+
+
+@pytest.mark.skipif(
+    not __import__("effllm.kernels.triton_quant_gemm", fromlist=["x"]).available()
+    or __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton and its interpreter (TRITON_INTERPRET=1)",
+)
+@pytest.mark.parametrize("name", ["w4-g32", "w4-g64-asym", "w8"])
+@pytest.mark.parametrize("rows", [1, 5, 20])
+def test_the_triton_kernel_under_the_interpreter_matches_the_reference(name, rows):
+    module = layer(GRIDS[name], 80, 128, torch.float32, bias=True)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+    with torch.inference_mode():
+        got, expected = module.triton_forward(x), module.reference_forward(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -27,3 +27,20 @@ def test_transformers_loads_the_default_model_with_the_same_logits():
     )
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_the_eval_commands_reproduce_the_model_cards_figures(capsys):
+    """docs/default-model.md quotes eval_results.json; `effllm eval perplexity|cloze --json` must reproduce it."""
+    import json
+
+    from effllm.cli import main
+
+    card = json.loads((DEFAULT_MODEL_DIR / "eval_results.json").read_text())
+    assert main(["eval", "perplexity", "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out)
+    assert ppl["word_perplexity"] == pytest.approx(card["persuasion_word_perplexity"], rel=2e-3)
+    assert ppl["token_perplexity"] == pytest.approx(card["persuasion_token_perplexity"], rel=2e-3)
+    assert main(["eval", "cloze", "--json"]) == 0
+    cloze = json.loads(capsys.readouterr().out)
+    assert cloze["acc"] == pytest.approx(card["cloze_acc"], abs=0.004)

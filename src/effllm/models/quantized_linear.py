@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effllm.core.errors import CheckpointError
-from effllm.kernels import cpu_quant_gemv
+from effllm.kernels import cpu_quant_gemv, triton_quant_gemm
 from effllm.models.layouts import register_layout, swap_modules
 
 
@@ -261,7 +261,22 @@ class QuantizedLinear(nn.Module):
                 if self.bias is not None:
                     y += self.bias
                 return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if x.device.type == "cuda" and self.activation_bits == 16 and triton_quant_gemm.available():
+            return self.triton_forward(x)
         return self.reference_forward(x)
+
+    def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton dequantize-GEMM (CUDA; on CPU tensors only under Triton's interpreter)."""
+        zero = None
+        if not self.symmetric:
+            zero = (self.codes()[1].to(torch.int16) + (1 << (self.bits - 1))).to(torch.uint8).contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        y = triton_quant_gemm.quant_gemm(
+            x2, self.weight_packed, self.weight_scale, zero, self.bits, self.group_size or self.in_features
+        )
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize, then `F.linear` (W8A8: activations rounded per token to int8 first)."""

@@ -92,3 +92,26 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys):
     assert "bad.jsonl:1 is not a JSON object with a 'text' string" in err and not out.exists()
     out.mkdir()
     assert "already exists" in _one_line_error(capsys, [*base, "--scheme", "w8a16"])
+
+
+def test_gguf_format_writes_a_gguf_file(tiny, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    out = tmp_path / "g"
+    argv = [
+        "compress",
+        "quantize",
+        "--model",
+        str(tiny),
+        "--scheme",
+        "w4a16",
+        "--format",
+        "gguf",
+        "--out",
+        str(out),
+        "--no-report",
+    ]
+    assert main(argv) == 0 and (out / "model.gguf").stat().st_size > 0
+    err = _one_line_error(
+        capsys, [*argv[:-3], "--group-size", "64", "--out", str(tmp_path / "h"), "--no-report"]
+    )
+    assert "GGUF blocks hold 32 weights" in err and not (tmp_path / "h").exists()

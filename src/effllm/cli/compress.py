@@ -58,8 +58,10 @@ def register(subparsers) -> None:
     q.add_argument(
         "--format",
         default="compressed-tensors",
-        choices=["compressed-tensors"],
-        help="checkpoint format (default compressed-tensors)",
+        choices=["compressed-tensors", "gguf"],
+        help="compressed-tensors (default: a Hugging Face folder every EffLLM command, vLLM and llm-compressor "
+        "load) or gguf (OUT/model.gguf for llama.cpp: w4a16 --group-size 32 as Q4_0/Q4_1, w8a16 as Q8_0; "
+        "needs pip install gguf)",
     )
     q.add_argument(
         "--calibration-data",
@@ -116,6 +118,16 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise InputError(f"{out} already exists; pass a new --out folder")
     config = make_config(args)
     config.check()
+    if args.format == "gguf" and not (
+        args.scheme == "w8a16" or (args.scheme == "w4a16" and args.group_size == 32)
+    ):
+        raise InputError(
+            "GGUF blocks hold 32 weights: choose --scheme w4a16 --group-size 32 or --scheme w8a16"
+        )
+    if args.format == "gguf":
+        from effllm.compress.gguf_export import _gguf
+
+        _gguf()  # the package must be there before any work is done
     path = args.model or str(default_model_path())
     model = load_model(path, dtype=args.dtype, device="cpu")
     tokenizer = load_tokenizer(path)
@@ -127,7 +139,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     quantize_(model, config, calibration=ids)
     seconds = time.perf_counter() - start
-    save_model(model, out, tokenizer=tokenizer)
+    if args.format == "gguf":
+        from effllm.compress.gguf_export import export_gguf
+
+        export_gguf(model, tokenizer, out / "model.gguf")
+    else:
+        save_model(model, out, tokenizer=tokenizer)
     report = {
         "model": path,
         "out": str(out),
@@ -137,7 +154,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         "quantize_seconds": round(seconds, 2),
         "weight_bytes_before": bytes_before,
         "weight_bytes_after": weight_bytes(model),
-        "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        "format": args.format,
+        "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        + sum(f.stat().st_size for f in out.glob("*.gguf")),
     }
     if args.report:
         after = _measure(model, tokenizer)

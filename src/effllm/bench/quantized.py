@@ -49,6 +49,33 @@ def build_variant(path: str, variant: str, group_size: int, skip: list[str]):
     return model
 
 
+GGUF_PEER = {"bf16": "BF16", "w8a16": "Q8_0", "w4a16": "Q4_0"}  # variant -> the GGUF llama.cpp runs
+
+
+def _llama_cpp(model, path, variant, peer_python, prompt_tokens, new_tokens, reps) -> dict:
+    """llama.cpp on the same weights: this variant's own codes written as GGUF blocks (bf16: llama.cpp's bf16)."""
+    import tempfile
+
+    from effllm.bench.peers.run import PEERS, run_peer_script
+    from effllm.compress.gguf_export import export_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        file = f"{tmp}/model.gguf"
+        export_gguf(model, None, file)
+        result = run_peer_script(
+            PEERS["llama.cpp"],
+            peer_python,
+            path,
+            "bfloat16",
+            prompt_tokens,
+            new_tokens,
+            reps,
+            extra_args=("--gguf", file),
+        )
+    result["gguf_type"] = GGUF_PEER[variant]
+    return result
+
+
 def run_quantized_bench(
     model_path: str | None = None,
     shape: str = "smollm-135m",
@@ -59,6 +86,7 @@ def run_quantized_bench(
     new_tokens: int = 128,
     reps: int = 1,
     throughput_requests: int = 0,
+    peer_python: str | None = None,
     **engine_options,
 ) -> dict:
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -94,6 +122,12 @@ def run_quantized_bench(
             if throughput_requests:
                 prompts = random_prompts(throughput_requests, 128, 512, vocab)
                 r["throughput"] = run_effllm(model, prompts, new_tokens, **options)
+            if peer_python and variant in GGUF_PEER:
+                r["llama.cpp"] = _llama_cpp(
+                    model, path, variant, peer_python, prompt_tokens, new_tokens, reps
+                )
+                for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+                    r[f"{key.split('_')[0]}_speedup_vs_llama.cpp"] = round(r[key] / r["llama.cpp"][key], 3)
             result["variants"][variant] = r
             del model
     base = result["variants"]
@@ -127,6 +161,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="also measure offline throughput of this many requests (prompts 128-512 tokens)",
     )
+    parser.add_argument(
+        "--peer-python",
+        default=None,
+        help="python of a llama.cpp venv (scripts/peers/): also time llama.cpp on the same codes "
+        "(bf16 as BF16, w8a16 as Q8_0, w4a16 g32 as Q4_0)",
+    )
     add_engine_args(parser, defaults=NO_PREFIX_CACHING)
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
@@ -142,6 +182,7 @@ def main(args: argparse.Namespace) -> int:
         args.new_tokens,
         args.reps,
         args.throughput_requests,
+        args.peer_python,
         **engine_args(args),
     )
     if args.json:
@@ -160,6 +201,11 @@ def main(args: argparse.Namespace) -> int:
             line += f"  decode x{r['decode_speedup_vs_bf16']:.2f} bf16"
         if "decode_speedup_vs_fp32" in r:
             line += f" x{r['decode_speedup_vs_fp32']:.2f} fp32"
+        if "llama.cpp" in r:
+            line += (
+                f"  llama.cpp {r['llama.cpp']['gguf_type']} decode {r['llama.cpp']['decode_tokens_per_s']:.1f} "
+                f"(x{r['decode_speedup_vs_llama.cpp']:.2f})"
+            )
         if "throughput" in r:
             line += f"  throughput {r['throughput']['output_tokens_per_s']:.1f} out tok/s"
         print(line)

@@ -109,7 +109,8 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, gguf) -> None:
 
 
 def export_gguf(model: nn.Module, tokenizer, path: str | Path, dense: str = "bf16") -> Path:
-    """Write `model` (dense layers as `dense`: bf16 or f32) and its tokenizer to a GGUF file at `path`."""
+    """Write `model` (dense layers as `dense`: bf16 or f32) and its tokenizer (None: no tokenizer, for
+    token-id benchmarks) to a GGUF file at `path`."""
     gguf = _gguf()
     cfg = model.config
     if cfg.model_type not in ("llama", "mistral") or cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
@@ -173,7 +174,10 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dense: str = "bf1
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(file_type)
-    _tokenizer_metadata(writer, tokenizer, cfg.vocab_size, gguf)
+    if tokenizer is None:  # token ids only (benchmarks): llama.cpp's "none" tokenizer
+        writer.add_tokenizer_model("none")
+    else:
+        _tokenizer_metadata(writer, tokenizer, cfg.vocab_size, gguf)
     for name, data, shape, kind in tensors:
         writer.add_tensor(name, data, raw_shape=shape, raw_dtype=kind)
     writer.write_header_to_file()

@@ -117,12 +117,14 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gguf", default=None, help="time this GGUF file instead of writing one from --model")
     args = p.parse_args()
     import llama_cpp
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.gguf")
-        write_gguf(args.model, args.dtype, path)
+        path = args.gguf or os.path.join(tmp, "model.gguf")
+        if args.gguf is None:
+            write_gguf(args.model, args.dtype, path)
         llm = llama_cpp.Llama(
             path,
             n_ctx=args.prompt_tokens + args.new_tokens + 16,

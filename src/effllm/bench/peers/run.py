@@ -24,6 +24,7 @@ def run_peer_script(
     new_tokens: int,
     reps: int,
     timeout: float = 1800,
+    extra_args: tuple[str, ...] = (),
 ) -> dict:
     """Batch-1 prefill/decode of a peer on the HF folder `model`, by its script run with `python`."""
     cmd = [
@@ -41,6 +42,7 @@ def run_peer_script(
         str(reps),
         "--threads",
         str(torch.get_num_threads()),
+        *extra_args,
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -97,21 +97,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys):
 def test_gguf_format_writes_a_gguf_file(tiny, tmp_path, capsys):
     pytest.importorskip("gguf")
     out = tmp_path / "g"
-    argv = [
-        "compress",
-        "quantize",
-        "--model",
-        str(tiny),
-        "--scheme",
-        "w4a16",
-        "--format",
-        "gguf",
-        "--out",
-        str(out),
-        "--no-report",
-    ]
-    assert main(argv) == 0 and (out / "model.gguf").stat().st_size > 0
-    err = _one_line_error(
-        capsys, [*argv[:-3], "--group-size", "64", "--out", str(tmp_path / "h"), "--no-report"]
-    )
+    argv = ["compress", "quantize", "--scheme", "w4a16", "--format", "gguf", "--no-report"]
+    assert main([*argv, "--out", str(out)]) == 0  # the default model: a trained BPE tokenizer
+    assert (out / "model.gguf").stat().st_size > 0
+    err = _one_line_error(capsys, [*argv, "--group-size", "64", "--out", str(tmp_path / "h")])
     assert "GGUF blocks hold 32 weights" in err and not (tmp_path / "h").exists()
+    err = _one_line_error(capsys, [*argv, "--model", str(tiny), "--out", str(tmp_path / "b")])
+    assert "no BPE merges" in err and not (tmp_path / "b").exists()

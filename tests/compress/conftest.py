@@ -4,11 +4,11 @@ import torch
 from effllm.models import CausalLM, ModelConfig
 
 
-def quant_model(seed: int = 0, tie: bool = True) -> CausalLM:
+def quant_model(seed: int = 0, tie: bool = True, vocab_size: int = 96) -> CausalLM:
     """A tiny llama whose every linear fits 4-bit packing (K % 32 == 0, N % 16 == 0), GQA 4/2."""
     torch.manual_seed(seed)
     config = ModelConfig(
-        vocab_size=96,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

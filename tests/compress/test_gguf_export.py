@@ -7,6 +7,8 @@ import torch
 from effllm.compress import W4A16, W8A8, W8A16, quantize_
 from effllm.compress.gguf_export import export_gguf, permute_rows
 from effllm.core.errors import InputError
+from effllm.models import load_tokenizer
+from effllm.models.default import default_model_path
 from effllm.models.tokenizer_training import build_byte_level_tokenizer
 from tests.compress.conftest import quant_model
 
@@ -29,7 +31,9 @@ def fp16_scales(module):
 def test_exported_blocks_decode_to_our_weights(tmp_path, config, kind):
     model = quant_model(tie=False)
     quantize_(model, config, show_progress=False)
-    path = export_gguf(model, build_byte_level_tokenizer(), tmp_path / "m.gguf")  # its first 96 tokens
+    path = export_gguf(
+        model, load_tokenizer(default_model_path()), tmp_path / "m.gguf"
+    )  # its first 96 tokens
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     t = tensors["blk.0.attn_q.weight"]
@@ -54,8 +58,12 @@ def test_grids_without_a_gguf_block_are_refused_before_writing(tmp_path):
         model = quant_model(tie=False)
         quantize_(model, config, show_progress=False)
         with pytest.raises(InputError, match="no exact GGUF block"):
-            export_gguf(model, build_byte_level_tokenizer(), tmp_path / "m.gguf")
+            export_gguf(model, load_tokenizer(default_model_path()), tmp_path / "m.gguf")
         assert not (tmp_path / "m.gguf").exists()
+    model = quant_model(tie=False)
+    quantize_(model, W4A16(), show_progress=False)
+    with pytest.raises(InputError, match="no BPE merges"):
+        export_gguf(model, build_byte_level_tokenizer(), tmp_path / "m.gguf")
 
 
 def test_permutation_matches_llama_cpps_converter():

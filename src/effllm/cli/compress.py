@@ -131,6 +131,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     path = args.model or str(default_model_path())
     model = load_model(path, dtype=args.dtype, device="cpu")
     tokenizer = load_tokenizer(path)
+    if args.format == "gguf":
+        from effllm.compress.gguf_export import check_tokenizer
+
+        check_tokenizer(tokenizer)
     before = _measure(model, tokenizer) if args.report else {}
     bytes_before = weight_bytes(model)
     ids = None

@@ -86,7 +86,19 @@ def block_bytes(module: QuantizedLinear, heads: int | None = None) -> tuple[np.n
     )
 
 
+def check_tokenizer(tokenizer) -> None:
+    """Raise InputError unless llama.cpp can read `tokenizer` (byte-level BPE with merges)."""
+    spec = json.loads(tokenizer.backend.to_str()).get("model", {})
+    if spec.get("type") != "BPE":
+        raise InputError("GGUF export supports byte-level BPE tokenizers; this one is not BPE")
+    if not spec.get("merges"):
+        raise InputError(
+            "the tokenizer has no BPE merges, which llama.cpp needs; export a trained BPE tokenizer"
+        )
+
+
 def _tokenizer_metadata(writer, tokenizer, vocab_size: int, gguf) -> None:
+    check_tokenizer(tokenizer)
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
@@ -95,6 +107,10 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, gguf) -> None:
     special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        raise InputError(
+            "the tokenizer has no BPE merges, which llama.cpp needs; export a trained BPE tokenizer"
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -119,6 +135,8 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, dense: str = "bf1
         )
     if cfg.rope_type != "default":
         raise InputError(f"GGUF export supports default RoPE, not {cfg.rope_type}")
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
     dense_type = gguf.GGMLQuantizationType.BF16 if dense == "bf16" else gguf.GGMLQuantizationType.F32
     tensors: list[tuple[str, np.ndarray, object, object]] = []  # (name, data, raw shape, raw type)
 

@@ -70,3 +70,44 @@ def test_permutation_matches_llama_cpps_converter():
     w = torch.arange(8 * 3).reshape(8, 3)
     ref = w.numpy().reshape(2, 2, 2, 3).swapaxes(1, 2).reshape(8, 3)  # convert_hf_to_gguf's permute, 2 heads
     assert np.array_equal(permute_rows(w, 2).numpy(), ref)
+
+
+@pytest.mark.parametrize(("config", "kind"), [(W4A16(), "QuantizedLinear"), (W8A16(), "Linear")])
+def test_gguf_round_trip_through_import(tmp_path, config, kind, capsys):
+    from effllm.cli import main
+    from effllm.models import load_model
+
+    tokenizer = load_tokenizer(default_model_path())
+    model = quant_model(seed=3, tie=True, vocab_size=tokenizer.vocab_size)
+    quantize_(model, config, show_progress=False)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", dense="f32")
+    assert (
+        main(
+            [
+                "compress",
+                "import-gguf",
+                str(tmp_path / "m.gguf"),
+                "--out",
+                str(tmp_path / "imp"),
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
+    back = load_model(tmp_path / "imp", device="cpu")
+    assert type(back.model.layers[0].self_attn.q_proj).__name__ == kind  # Q4_0 stays 4-bit, Q8_0 is dense
+    ids = torch.tensor([tokenizer.encode("It is a truth universally acknowledged")])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), rtol=2e-2, atol=2e-2)  # fp16 block scales
+    assert load_tokenizer(tmp_path / "imp").encode("Mr. Darcy's ball, 1813!") == tokenizer.encode(
+        "Mr. Darcy's ball, 1813!"
+    )
+    assert "already exists" in _err(
+        main, capsys, ["compress", "import-gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "imp")]
+    )
+
+
+def _err(main, capsys, argv):
+    assert main(argv) == 2
+    return capsys.readouterr().err

@@ -22,7 +22,22 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "compress", help="quantize a model (compressed-tensors checkpoints)", description="Model compression."
     )
-    sub = p.add_subparsers(dest="compress_command", metavar="{quantize}", required=True)
+    sub = p.add_subparsers(dest="compress_command", metavar="{quantize,import-gguf}", required=True)
+    g = sub.add_parser(
+        "import-gguf",
+        help="convert a llama GGUF file (llama.cpp) into a checkpoint folder EffLLM runs",
+        description="Q4_0 layers stay 4-bit (groups of 32); F32/F16/BF16/Q8_0/Q4_1 and other types are "
+        "dequantized to --dtype. The byte-level BPE tokenizer is rebuilt from the file.",
+    )
+    g.add_argument("file", help="the .gguf file")
+    g.add_argument("--out", required=True, help="folder to write (must not exist)")
+    g.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of dense layers and scales (default bfloat16)",
+    )
+    g.set_defaults(func=run_import_gguf)
     q = sub.add_parser(
         "quantize",
         help="quantize the linear layers (W8A16, W4A16, W8A8; RTN, GPTQ, AWQ, SmoothQuant)",
@@ -89,6 +104,16 @@ def register(subparsers) -> None:
     )
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=run_quantize)
+
+
+def run_import_gguf(args: argparse.Namespace) -> int:
+    import torch
+
+    from effllm.compress.gguf_import import import_gguf
+
+    out = import_gguf(args.file, args.out, getattr(torch, args.dtype))
+    print(f"wrote {out} from {args.file}")
+    return 0
 
 
 def make_config(args: argparse.Namespace):

@@ -1,7 +1,7 @@
 """`make run`: the main job on the embedded default model.
 
-Generates a continuation of an Austen sentence with the default model (a small llama trained on five Jane
-Austen novels; docs/default-model.md), streaming it to the terminal.
+Generates a continuation of an Austen sentence with the default model (a small llama trained on Jane
+Austen, the Bible and Shakespeare; docs/default-model.md), streaming it to the terminal.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
 For each configuration: load the model (its own dtype), quantize it with `effllm.compress.quantize_` (64
 calibration samples x 256 tokens of the shipped training books for the data-driven methods), and measure
-per-token perplexity on the held-out *Persuasion* exactly as `effllm eval perplexity` does (windows of
-the model's context, stride half of it). Prints a Markdown table with the change against the dense model.
+per-token perplexity on the held-out *Persuasion* (or its first `--words` words) exactly as `effllm eval
+perplexity` does (windows of the model's context, stride half of it). Prints a Markdown table with the change against the dense model.
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(default_model_path()))
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--words", type=int, default=None, help="score only the first N words of Persuasion")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model)
     text = heldout_text()
+    if args.words:
+        text = " ".join(text.split(" ")[: args.words])
     ids = calibration_ids(tokenizer, 64, 256)
     base = perplexity(load_model(args.model, device="cpu"), tokenizer, text).token_perplexity
     rows = [{"scheme": "dense", "method": "-", "perplexity": base, "change_percent": 0.0}]
+    print(json.dumps(rows[-1]), flush=True)
     for scheme, method, config in CONFIGS:
         model = load_model(args.model, device="cpu")
         start = time.perf_counter()

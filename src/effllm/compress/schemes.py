@@ -43,7 +43,9 @@ class QuantizeConfig:
     activation_bits = 16
 
     def spec(self) -> QuantSpec:
-        raise NotImplementedError
+        raise TypeError(
+            f"{type(self).__name__} names no grid; use one of {', '.join(c.__name__ for c in SCHEMES.values())}"
+        )
 
     def check(self) -> None:
         if self.method not in self.methods:

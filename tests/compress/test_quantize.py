@@ -142,3 +142,20 @@ def test_analyze_reads_the_bit_widths_from_the_checkpoint(model):
     other = quant_model()
     quantize_(other, W8A8(), show_progress=False)
     assert checkpoint_bits(other.config) == (8.0, 8.0)
+
+
+def test_resident_and_streamed_bytes_count_each_storage_once(model):
+    from effllm.compress.sizes import resident_bytes, streamed_bytes
+
+    dense = sum(p.numel() * 4 for p in model.parameters())  # fp32, the tied head counted once
+    embed = model.model.embed_tokens.weight.numel() * 4
+    assert resident_bytes(model) == dense and streamed_bytes(model) == dense  # tied: the head is the table
+    quantize_(model, W4A16(), show_progress=False)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    stored = sum(b.numel() * b.element_size() for m in quantized for b in m.buffers())
+    norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
+    assert resident_bytes(model) == stored + norms + embed
+    assert streamed_bytes(model) == stored + norms + embed  # the tied head streams the table
+    untied = quant_model(tie=False)
+    table = untied.model.embed_tokens.weight.numel() * 4
+    assert streamed_bytes(untied) == resident_bytes(untied) - table  # one row of the table per token

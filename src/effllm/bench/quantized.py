@@ -18,6 +18,7 @@ from effllm.analyze.hardware import measure_hardware
 from effllm.bench.generate import _effllm_run, _measure
 from effllm.bench.shapes import add_engine_args, add_model_args, bench_checkpoint, engine_args
 from effllm.bench.throughput import random_prompts, run_effllm
+from effllm.compress.sizes import streamed_bytes
 from effllm.core.errors import InputError
 from effllm.engine.config import EngineConfig
 from effllm.engine.llm_engine import LLMEngine
@@ -25,17 +26,6 @@ from effllm.models import load_model
 
 VARIANTS = ("fp32", "bf16", "w8a16", "w8a8", "w4a16")
 NO_PREFIX_CACHING = {"enable_prefix_caching": False}
-
-
-def streamed_bytes(model) -> int:
-    """Bytes read per decoded token: every weight but the embedding table (read one row), plus the head."""
-    from effllm.cli.compress import weight_bytes
-
-    embed = model.model.embed_tokens.weight
-    total = weight_bytes(model) - embed.numel() * embed.element_size()
-    if getattr(model.lm_head, "weight", None) is embed:
-        total += embed.numel() * embed.element_size()
-    return total
 
 
 def build_variant(path: str, variant: str, group_size: int, skip: list[str]):

@@ -135,6 +135,7 @@ def make_config(args: argparse.Namespace):
 def run_quantize(args: argparse.Namespace) -> int:
 
     from effllm.compress import calibration_ids, quantize_
+    from effllm.compress.sizes import resident_bytes
     from effllm.models import load_model, load_tokenizer, save_model
     from effllm.models.default import default_model_path
 
@@ -150,9 +151,9 @@ def run_quantize(args: argparse.Namespace) -> int:
             "GGUF blocks hold 32 weights: choose --scheme w4a16 --group-size 32 or --scheme w8a16"
         )
     if args.format == "gguf":
-        from effllm.compress.gguf_export import _gguf
+        from effllm.compress.gguf_export import require_gguf
 
-        _gguf()  # the package must be there before any work is done
+        require_gguf()  # the package must be there before any work is done
     path = args.model or str(default_model_path())
     model = load_model(path, dtype=args.dtype, device="cpu")
     tokenizer = load_tokenizer(path)
@@ -161,7 +162,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
         check_tokenizer(tokenizer)
     before = _measure(model, tokenizer) if args.report else {}
-    bytes_before = weight_bytes(model)
+    bytes_before = resident_bytes(model)
     ids = None
     if config.method != "rtn":
         ids = calibration_ids(tokenizer, args.num_samples, args.calibration_seq_len, args.calibration_data)
@@ -182,7 +183,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         "group_size": getattr(config, "group_size", None),
         "quantize_seconds": round(seconds, 2),
         "weight_bytes_before": bytes_before,
-        "weight_bytes_after": weight_bytes(model),
+        "weight_bytes_after": resident_bytes(model),
         "format": args.format,
         "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))
         + sum(f.stat().st_size for f in out.glob("*.gguf")),
@@ -198,19 +199,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def weight_bytes(model) -> int:
-    """Bytes of every parameter and persistent buffer (a tied head counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b is not None]:
-        if t.data_ptr() in seen or t.device.type == "meta":
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total - sum(
-        b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("inv_freq")
-    )
-
-
 def _measure(model, tokenizer) -> dict:
     """Held-out perplexity (first 20,000 words of Persuasion) and batch-1 decode speed with its roofline share."""
     import torch
@@ -218,6 +206,7 @@ def _measure(model, tokenizer) -> dict:
     from effllm.analyze.hardware import measure_hardware
     from effllm.bench.generate import _effllm_run
     from effllm.bench.generate import _measure as measure_run
+    from effllm.compress.sizes import streamed_bytes
     from effllm.engine.config import EngineConfig
     from effllm.engine.llm_engine import LLMEngine
     from effllm.eval.corpus import heldout_text
@@ -232,17 +221,11 @@ def _measure(model, tokenizer) -> dict:
     speed = measure_run(_effllm_run, engine, prompt, 64, 1)
     del engine
     bandwidth = measure_hardware(copy_mib=256, matmul_n=256, repeats=3).bandwidth
-    streamed = (
-        weight_bytes(model)
-        - model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
-    )
-    if getattr(model.config, "tie_word_embeddings", False):  # the tied head streams the embedding matrix
-        streamed += model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
     tok_s = speed["decode_tokens_per_s"]
     return {
         "perplexity": round(ppl.token_perplexity, 3),
         "decode_tokens_per_s": round(tok_s, 2),
-        "decode_fraction_of_roofline": round(tok_s * streamed / bandwidth, 3),
+        "decode_fraction_of_roofline": round(tok_s * streamed_bytes(model) / bandwidth, 3),
     }
 
 

@@ -26,6 +26,7 @@ LINEAR_GROUPS = {  # the linears of a decoder layer that read the same input
     "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp_out": ("mlp.down_proj",),
 }
+LAYER_LINEARS = [name for group in LINEAR_GROUPS.values() for name in group]
 
 
 def read_calibration_text(path: str | Path, text_field: str = "text") -> str:

@@ -43,7 +43,7 @@ PARTS = {
 }
 
 
-def _gguf():
+def require_gguf():
     try:
         import gguf
     except ImportError:
@@ -127,7 +127,7 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, gguf) -> None:
 def export_gguf(model: nn.Module, tokenizer, path: str | Path, dense: str = "bf16") -> Path:
     """Write `model` (dense layers as `dense`: bf16 or f32) and its tokenizer (None: no tokenizer, for
     token-id benchmarks) to a GGUF file at `path`."""
-    gguf = _gguf()
+    gguf = require_gguf()
     cfg = model.config
     if cfg.model_type not in ("llama", "mistral") or cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
         raise InputError(

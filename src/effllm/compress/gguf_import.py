@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from effllm.compress.gguf_export import PARTS, _gguf
+from effllm.compress.gguf_export import PARTS, require_gguf
 from effllm.core.errors import InputError
 from effllm.models.quantized_linear import QuantizedLinear
 
@@ -103,7 +103,7 @@ def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bf
     from effllm.compress.schemes import W4A16, quantization_config
     from effllm.models import CausalLM, save_model
 
-    gguf = _gguf()
+    gguf = require_gguf()
     path, out = Path(path), Path(out)
     if not path.is_file():
         raise InputError(f"{path} is not a file; pass a .gguf file")

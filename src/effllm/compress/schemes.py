@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from effllm.compress import awq, gptq, smoothquant
-from effllm.compress.calibration import LINEAR_GROUPS, LayerByLayer
+from effllm.compress.calibration import LAYER_LINEARS, LINEAR_GROUPS, LayerByLayer
 from effllm.compress.rtn import QuantizedWeight, QuantSpec, rtn
 from effllm.core.errors import InputError
 from effllm.eval.progress import progress_bar
@@ -220,7 +220,7 @@ def _quantize_linears(model: nn.Module, config: QuantizeConfig, ids: torch.Tenso
         with progress_bar(len(layers), f"{config.method} calibration", show, unit="layer") as bar:
             for i, layer in layers:
                 prefix = f"model.layers.{i}."
-                names = [n for n in _layer_linears(layer) if prefix + n in targets]
+                names = [n for n in LAYER_LINEARS if prefix + n in targets]
                 _calibrate_layer(layer, names, runner, config, spec)
                 done.update(prefix + n for n in names)
                 runner.run(layer, advance=True)  # the next layer sees this one's quantized outputs
@@ -230,17 +230,12 @@ def _quantize_linears(model: nn.Module, config: QuantizeConfig, ids: torch.Tenso
             _swap(model, name, rtn(targets[name].weight.detach(), spec), config)
 
 
-def _layer_linears(layer: nn.Module) -> list[str]:
-    return [n for group in LINEAR_GROUPS.values() for n in group]
-
-
 def _calibrate_layer(
     layer: nn.Module, names: list[str], runner: LayerByLayer, config: QuantizeConfig, spec: QuantSpec
 ) -> None:
-    """Quantize the linears `names` of one decoder layer with config.method and swap them in."""
+    """Quantize the linears `names` of one decoder layer with config.method (not rtn) and swap them in."""
     if config.method in ("awq", "smoothquant"):
         _rescale_layer(layer, names, runner, config, spec)
-    if config.method in ("awq", "smoothquant", "rtn"):
         for n in names:
             _swap(layer, n, rtn(layer.get_submodule(n).weight.detach(), spec), config)
         return

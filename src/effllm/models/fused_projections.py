@@ -62,7 +62,7 @@ def fuse_rows(parts: list[nn.Module]) -> nn.Module | None:
             device=first.weight_scale.device,
         )
         for name in _ROW_TENSORS:
-            if hasattr(first, name) and name in first._buffers:
+            if name in first._buffers:
                 setattr(fused, name, torch.cat([getattr(p, name) for p in parts]))
         fused._runtime = None
     else:

@@ -100,7 +100,8 @@ class QuantizedLinear(nn.Module):
                 )
         self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=float_dtype, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=float_dtype, **factory)) if bias else None
-        self._runtime: tuple | None = None  # (key, derived tensors) computed from the buffers on first use
+        self._runtime: tuple | None = None  # (key, kernel call) computed from the buffers on first use
+        self._zero_codes: tuple | None = None  # (key, unpacked zero codes)
 
     @classmethod
     def like(cls, linear: nn.Linear, **grid: Any) -> QuantizedLinear:
@@ -135,7 +136,7 @@ class QuantizedLinear(nn.Module):
             if zero is not None:
                 self.weight_zero_point = pack_int32(zero.round().to(torch.int8), self.bits, dim=0)
         self.weight_scale = scale.to(dtype).reshape(self.out_features, -1).contiguous()
-        self._runtime = None
+        self._runtime = self._zero_codes = None
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(signed int8 codes [N, K], int8 zero points [N, G] or None)."""
@@ -155,12 +156,12 @@ class QuantizedLinear(nn.Module):
         given), else in PyTorch."""
         call = self._kernel_call() if dtype in (torch.float32, torch.bfloat16) else None
         if call is not None:
-            scale, zero = call[3][0], (call[3][1] if self.bits == 4 and self.activation_bits == 16 else None)
+            scale, zero = call[3][0], (self.zero_codes() if self.bits == 4 else None)
             if out is None:
                 out = torch.empty(self.out_features, self.in_features, dtype=dtype)
             codes = self.weight if self.activation_bits == 8 else self.weight_packed
             offset = 0 if self.activation_bits == 8 else 128
-            cpu_quant_gemv._library().dequantize_rows(
+            cpu_quant_gemv.library().dequantize_rows(
                 codes.data_ptr(),
                 self.bits,
                 offset,
@@ -186,9 +187,16 @@ class QuantizedLinear(nn.Module):
             groups = groups - zero.float().unsqueeze(-1)
         return (groups * self.weight_scale.float().unsqueeze(-1)).reshape(n, k).to(dtype)
 
-    def weight_bytes(self) -> int:
-        """Bytes of the stored weight tensors (codes, scales, zeros), the bias excluded."""
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "weight_shape")
+    def zero_codes(self) -> torch.Tensor | None:
+        """Unsigned zero codes [N, G] (uint8, z + 2^(bits-1)) of an asymmetric grid, as the kernels read
+        them; unpacked once per stored tensor. None when symmetric."""
+        if self.symmetric:
+            return None
+        key = self.weight_zero_point.data_ptr()
+        if self._zero_codes is None or self._zero_codes[0] != key:
+            codes = (self.codes()[1].to(torch.int16) + (1 << (self.bits - 1))).to(torch.uint8).contiguous()
+            self._zero_codes = (key, codes)
+        return self._zero_codes[1]
 
     # --- forward ---------------------------------------------------------------------------------------
     def _kernel_call(self):
@@ -203,7 +211,7 @@ class QuantizedLinear(nn.Module):
             scale = self.weight_scale.contiguous()
             if scale.dtype not in (torch.float32, torch.bfloat16):
                 scale = scale.float()
-            lib, bf16 = cpu_quant_gemv._library(), int(scale.dtype == torch.bfloat16)
+            lib, bf16 = cpu_quant_gemv.library(), int(scale.dtype == torch.bfloat16)
             n, k = self.out_features, self.in_features
             if self.activation_bits == 8:
                 rowsum = self.weight.sum(1, dtype=torch.int32).contiguous()
@@ -214,9 +222,7 @@ class QuantizedLinear(nn.Module):
                     (scale, rowsum),
                 )
             elif self.bits == 4 and (self.group_size or k) % 32 == 0:
-                zero = None
-                if not self.symmetric:
-                    zero = (self.codes()[1].to(torch.int16) + 8).to(torch.uint8).contiguous()
+                zero = self.zero_codes()
                 call = (
                     lib.gemv_w4,
                     (
@@ -267,9 +273,7 @@ class QuantizedLinear(nn.Module):
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton dequantize-GEMM (CUDA; on CPU tensors only under Triton's interpreter)."""
-        zero = None
-        if not self.symmetric:
-            zero = (self.codes()[1].to(torch.int16) + (1 << (self.bits - 1))).to(torch.uint8).contiguous()
+        zero = self.zero_codes()
         x2 = x.reshape(-1, self.in_features)
         y = triton_quant_gemm.quant_gemm(
             x2, self.weight_packed, self.weight_scale, zero, self.bits, self.group_size or self.in_features

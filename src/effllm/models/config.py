@@ -18,6 +18,12 @@ from effllm.core.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# The rope_scaling numbers each type needs (yarn's are all optional).
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 _HF_ARCHITECTURES = {
@@ -116,6 +122,18 @@ class ModelConfig:
             raise ConfigError(
                 f"rope_scaling type {rope_type!r} is not supported; use one of {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        numeric = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        numeric += ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+        required = _ROPE_REQUIRED.get(rope_type, ())
+        for key in numeric:
+            value = self.rope_scaling.get(key)
+            if value is None and key not in required:
+                continue
+            number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if not number or value < 0 or (value == 0 and not key.startswith("mscale")):  # mscale 0: none
+                raise ConfigError(
+                    f"config.json: rope_scaling type {rope_type} needs a positive number {key!r}, got {value!r}"
+                )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; the SwiGLU MLP uses "

@@ -94,6 +94,8 @@ def test_memory_inference_and_training(capsys):
     assert data["weights"] == pytest.approx(6.74e9 * 2, rel=0.01)
     assert data["kv_cache"] == 16 * 4000 * 2 * 32 * 4096 * 2
     assert data["fits"] is False
+    int4 = json.loads(run(capsys, *argv, "--kv-cache-dtype", "int4", "--json"))
+    assert int4["kv_cache"] == data["kv_cache"] * (4 + 32 / 128) / 16  # codes plus a float16 step and minimum
     out = run(
         capsys,
         "memory",

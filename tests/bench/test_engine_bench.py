@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from effllm.bench import latency, throughput
+from effllm.bench import kv_cache, latency, throughput
 
 
 def test_throughput_bench_reports_effllm_and_transformers_on_the_same_prompts():
@@ -20,6 +20,21 @@ def test_throughput_bench_reports_effllm_and_transformers_on_the_same_prompts():
         assert result[name]["output_tokens"] == 6 * 5
         assert result[name]["output_tokens_per_s"] > 0 and result[name]["requests_per_s"] > 0
     assert result["effllm"]["max_num_batched_tokens"] == 32 and result["speedup_vs_transformers"] > 0
+
+
+def test_kv_cache_bench_runs_each_cache_dtype_on_one_budget():
+    result = kv_cache.run_kv_cache(
+        shape="tiny",
+        num_requests=4,
+        input_len_min=20,
+        input_len_max=40,
+        output_len=4,
+        kv_cache_memory="64KiB",
+        max_num_batched_tokens=32,
+    )
+    v = result["variants"]
+    assert v["auto"]["kv_cache_tokens"] < v["int8"]["kv_cache_tokens"] < v["int4"]["kv_cache_tokens"]
+    assert v["int4"]["tokens_held_vs_first"] > 2 and all(r["output_tokens_per_s"] > 0 for r in v.values())
 
 
 def test_latency_bench_reports_ttft_and_tpot_with_chunked_prefill_on_and_off():

@@ -52,6 +52,13 @@ def _add_bits(p: argparse.ArgumentParser, a_default: str = "16") -> None:
     )
     p.add_argument("--a-bits", type=float, default=None, help=f"activation bits (default {a_default})")
     p.add_argument("--kv-bits", type=float, default=None, help="KV cache bits (default: --a-bits)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "int8", "int4"),
+        default=None,
+        help="the engine's KV-cache storage, counted with its per-token scales (int4 at head_dim 64: 4.5 bits); "
+        "overrides --kv-bits (default: a quantized checkpoint's, else --kv-bits)",
+    )
 
 
 def _bits(args: argparse.Namespace) -> dict[str, float]:
@@ -65,6 +72,21 @@ def _bits(args: argparse.Namespace) -> dict[str, float]:
         "w_bits": w_bits if args.w_bits is None else args.w_bits,
         "a_bits": (a_bits or 16.0) if args.a_bits is None else args.a_bits,
     }
+
+
+def _kv_bits(args: argparse.Namespace) -> float | None:
+    """KV bits per value: --kv-cache-dtype (scales included), else --kv-bits, else a checkpoint's KV dtype."""
+    from effllm.analyze.shapes import load_model_config
+    from effllm.kernels.kv_quant import bits_per_value, kv_bits
+
+    name = args.kv_cache_dtype
+    if name is None and args.kv_bits is not None:
+        return args.kv_bits
+    config = load_model_config(_model(args))
+    if name in (None, "auto"):
+        name = (config.quantization_config or {}).get("kv_cache_dtype", "auto")
+    bits = kv_bits(name)
+    return args.kv_bits if bits is None else bits_per_value(config.head_dim, bits)
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -132,7 +154,7 @@ def run_roofline(args: argparse.Namespace) -> int:
         context=context,
         output=output,
         **_bits(args),
-        kv_bits=args.kv_bits,
+        kv_bits=_kv_bits(args),
         fused_attention=not args.unfused_attention,
     )
     text = format_roofline(report)
@@ -246,7 +268,7 @@ def run_memory(args: argparse.Namespace) -> int:
             args.batch,
             args.context,
             **_bits(args),
-            kv_bits=args.kv_bits,
+            kv_bits=_kv_bits(args),
             step_tokens=args.step_tokens,
         )
     else:

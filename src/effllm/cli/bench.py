@@ -10,6 +10,10 @@ BENCHES = {
     "generate": ("effllm.bench.generate", "batch-1 prefill and decode tokens/s beside transformers"),
     "throughput": ("effllm.bench.throughput", "offline throughput of many requests beside transformers"),
     "quantized": ("effllm.bench.quantized", "dense and quantized variants of the same weights, side by side"),
+    "kv-cache": (
+        "effllm.bench.kv_cache",
+        "one long-context workload over a bf16, int8 and int4 KV cache of one size",
+    ),
     "latency": ("effllm.bench.latency", "time to first token and per output token, chunked prefill on/off"),
     "load-memory": ("effllm.bench.load_memory", "peak RAM while loading a checkpoint, over its size"),
     "serve": ("effllm.bench.serve", "online load test of an OpenAI server: TTFT, TPOT, ITL, E2EL"),

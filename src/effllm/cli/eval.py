@@ -91,6 +91,13 @@ def _add_model_args(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
     )
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "int8", "int4"),
+        default="auto",
+        help="score as the engine would with this KV cache: keys and values quantized and dequantized per "
+        "token and head (default auto: unquantized, or what a quantized checkpoint's config.json asks for)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
 
 
@@ -106,13 +113,17 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _load(args: argparse.Namespace):
+    from effllm.engine.kv_cache import resolve_kv_bits
     from effllm.models import load_model
     from effllm.models.default import model_or_default
+    from effllm.models.kv_round_trip import with_kv_round_trip
     from effllm.models.tokenizer import load_tokenizer
 
     _positive(args, "batch_size", "limit", "max_length", "stride")
     path = model_or_default(args.model)
-    return path, load_model(path, dtype=args.dtype, device=args.device), load_tokenizer(path)
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    bits = resolve_kv_bits(args.kv_cache_dtype, model.config)
+    return path, model if bits is None else with_kv_round_trip(model, bits), load_tokenizer(path)
 
 
 def run_perplexity(args: argparse.Namespace) -> int:

@@ -47,14 +47,16 @@ class PrefillChunk:
 class PagedAttention:
     """CPU (and reference) backend: decodes batched into one call, prefill chunks one SDPA call each.
 
-    Decodes use the compiled CPU kernel when it is available (a float32 or bfloat16 cache on CPU), else gathered blocks
-    and SDPA; `use_compiled=False` forces the latter.
+    Decodes use the compiled CPU kernel when it is available (a float32, bfloat16, int8 or int4 cache on CPU),
+    else gathered (and dequantized) blocks and SDPA; `use_compiled=False` forces the latter.
     """
 
     def __init__(self, cache: PagedKVCache, use_compiled: bool = True):
         self.cache = cache
         self.device = cache.k[0].device
-        kernel_dtype = self.device.type == "cpu" and cache.k[0].dtype in KERNEL_DTYPES
+        kernel_dtype = self.device.type == "cpu" and (
+            cache.kv_bits is not None or cache.k[0].dtype in KERNEL_DTYPES
+        )
         self.use_compiled = use_compiled and kernel_dtype and cpu_kernel_available()
         self.slot_mapping = torch.zeros(0, dtype=torch.long)
         self.decode_blocks: list[list[int]] = []
@@ -77,7 +79,13 @@ class PagedAttention:
             self.prefills.append(PrefillChunk(starts[r], starts[r + 1], layout.num_computed[r], block_ids))
 
     def _decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, scale: float
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        window: int | None,
+        scale: float,
+        quant: dict,
     ) -> torch.Tensor:
         if window not in self._decode_views:
             self._decode_views[window] = (
@@ -85,8 +93,8 @@ class PagedAttention:
             )
         view = self._decode_views[window]
         if self.use_compiled:
-            return paged_decode_attention_cpu(q, k_cache, v_cache, *view, scale)
-        return paged_decode_attention(q, k_cache, v_cache, *view, scale)
+            return paged_decode_attention_cpu(q, k_cache, v_cache, *view, scale, **quant)
+        return paged_decode_attention(q, k_cache, v_cache, *view, scale, **quant)
 
     def _compiled_view(self, window: int | None) -> tuple:
         """Full block tables, key counts and first visible keys of the decodes, and the threads' rows."""
@@ -126,12 +134,13 @@ class PagedAttention:
         scale: float,
     ) -> torch.Tensor:
         q, k, v = q[0], k[0], v[0]  # [T, heads, D]: the engine runs one flattened sequence
-        self.cache.write(layer_idx, k, v, self.slot_mapping)
+        k, v = self.cache.write(layer_idx, k, v, self.slot_mapping)  # as the cache holds them
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        quant = self.cache.quantized_args(layer_idx)
         num_decodes = len(self.decode_lens)
         parts = []
         if num_decodes:
-            parts.append(self._decode(q[:num_decodes], k_cache, v_cache, window, scale))
+            parts.append(self._decode(q[:num_decodes], k_cache, v_cache, window, scale, quant))
         for chunk in self.prefills:
             qc = q[chunk.start : chunk.end]
             if chunk.num_computed == 0:  # nothing cached before the chunk: its own keys are all there is
@@ -144,7 +153,7 @@ class PagedAttention:
                 )[0]
             else:
                 out = paged_prefill_attention(
-                    qc, k_cache, v_cache, chunk.block_ids, chunk.num_computed, window, scale
+                    qc, k_cache, v_cache, chunk.block_ids, chunk.num_computed, window, scale, **quant
                 )
             parts.append(out)
         return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
@@ -211,6 +220,7 @@ class TritonPagedAttention:
             self.positions,
             window,
             scale,
+            **self.cache.quantized_args(layer_idx),
         )
         return out[None]
 

@@ -57,6 +57,7 @@ class EngineStats:
     num_computed_tokens: int = 0  # tokens run through the model (prefill chunks, decodes, recomputes)
     num_prefix_cache_hit_tokens: int = 0  # prompt tokens taken from the prefix cache instead
     num_preemptions: int = 0
+    max_num_running: int = 0  # most requests scheduled in one step (what the KV cache let run at once)
 
 
 class LLMEngine:
@@ -177,6 +178,7 @@ class LLMEngine:
         sampled = self.runner.execute(out)
         self.scheduler.update(out, sampled)
         self.stats.num_steps += 1
+        self.stats.max_num_running = max(self.stats.max_num_running, len(out.requests))
         self.stats.num_computed_tokens += out.total_tokens
         self.stats.num_prefix_cache_hit_tokens = self.scheduler.num_prefix_hit_tokens
         touched: dict[str, ParentRequest] = {}

@@ -16,7 +16,7 @@ import torch
 from effllm.engine.attention_backend import TritonPagedAttention, make_backend
 from effllm.engine.config import EngineConfig
 from effllm.engine.cuda_graphs import DecodeGraphs
-from effllm.engine.kv_cache import PagedKVCache, num_kv_blocks
+from effllm.engine.kv_cache import PagedKVCache, num_kv_blocks, resolve_kv_bits
 from effllm.engine.request import Request
 from effllm.engine.sampler import Sampler
 from effllm.engine.scheduler import SchedulerOutput
@@ -44,8 +44,13 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         if on_cuda and config.kv_cache_memory is None and config.num_kv_blocks is None:
             activation_bytes = self._profile_activations()
-        self.num_blocks = num_kv_blocks(config, model.config, model.dtype, self.device, activation_bytes)
-        self.cache = PagedKVCache(model.config, self.num_blocks, self.block_size, model.dtype, self.device)
+        self.kv_bits = resolve_kv_bits(config.kv_cache_dtype, model.config)
+        self.num_blocks = num_kv_blocks(
+            config, model.config, model.dtype, self.device, activation_bytes, self.kv_bits
+        )
+        self.cache = PagedKVCache(
+            model.config, self.num_blocks, self.block_size, model.dtype, self.device, self.kv_bits
+        )
         self.backend = make_backend(config.attention_backend, self.cache)
         if self.device.type == "cpu" and config.cpu_gemv:
             use_decode_linears(model)

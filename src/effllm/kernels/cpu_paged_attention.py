@@ -1,9 +1,10 @@
-"""A compiled CPU kernel for paged decode attention (float32 or bfloat16 cache), the CPU engine's fast path.
+"""A compiled CPU kernel for paged decode attention (float32, bfloat16, int8 or int4 cache), the CPU engine's
+fast path.
 
 The PyTorch path (`paged_decode_attention`) gathers every decode's blocks into a padded copy before
 SDPA reads them: three passes over the keys and values, plus padding, and OpenMP barriers that stall
 when the CPU is shared. This kernel walks each sequence's blocks in place and reads each key and
-value once. It is `cpu/paged_decode.c`, compiled on first use by `cpu.build.load_kernel` and called
+value once; an int8 or int4 cache (`kv_quant.py`) is dequantized in registers. It is `cpu/paged_decode.c`, compiled on first use by `cpu.build.load_kernel` and called
 through ctypes, which releases the GIL, so a few Python threads split the batch. Without a compiler the
 engine keeps the PyTorch path.
 Tested against dense SDPA like every other backend.
@@ -22,7 +23,15 @@ from effllm.kernels.cpu.build import load_kernel
 
 _p, _i = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURE = ([_p, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, ctypes.c_float, _i, _i, _p], None)
-_SIGNATURES = {"paged_decode_f32": _SIGNATURE, "paged_decode_bf16": _SIGNATURE}
+_QUANT_SIGNATURE = (
+    [_p, _p, _p, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, ctypes.c_float, _i, _i, _i, _p],
+    None,
+)
+_SIGNATURES = {
+    "paged_decode_f32": _SIGNATURE,
+    "paged_decode_bf16": _SIGNATURE,
+    "paged_decode_quant": _QUANT_SIGNATURE,
+}
 # The cache dtypes the kernel reads (q and out are float32 inside it).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _pool: ThreadPoolExecutor | None = None
@@ -60,9 +69,12 @@ def paged_decode_attention_cpu(
     lo: torch.Tensor,
     splits: list[tuple[int, int]],
     scale: float,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    kv_bits: int | None = None,
 ) -> torch.Tensor:
-    """One query per sequence over its paged keys, a float32 or bfloat16 cache on CPU; needs
-    `cpu_kernel_available()`. The result has q's dtype.
+    """One query per sequence over its paged keys, a float32, bfloat16 or (with params and bits) int8/int4
+    cache on CPU; needs `cpu_kernel_available()`. The result has q's dtype.
 
     q: [B, H, D]; block_tables: [B, width] int64, each row the sequence's blocks from position 0;
     lens, lo: [B] int64, row b sees keys lo[b] .. lens[b]-1; `splits` (from `split_rows`) are the row
@@ -73,10 +85,12 @@ def paged_decode_attention_cpu(
     q, block_tables = q.to(torch.float32).contiguous(), block_tables.contiguous()
     b, h, d = q.shape
     out = torch.empty_like(q)
+    params = () if kv_bits is None else (k_params.data_ptr(), v_params.data_ptr())
     args = (
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
+        *params,
         block_tables.data_ptr(),
         block_tables.shape[1],
         lens.data_ptr(),
@@ -86,10 +100,16 @@ def paged_decode_attention_cpu(
         d,
         k_cache.shape[1],
         scale,
+        *(() if kv_bits is None else (kv_bits,)),
     )
     if len(splits) > 1 and _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="effllm-attn")
-    kernel = _library().paged_decode_bf16 if k_cache.dtype == torch.bfloat16 else _library().paged_decode_f32
+    if kv_bits is not None:
+        kernel = _library().paged_decode_quant
+    elif k_cache.dtype == torch.bfloat16:
+        kernel = _library().paged_decode_bf16
+    else:
+        kernel = _library().paged_decode_f32
     futures = [_pool.submit(kernel, *args, start, end, out.data_ptr()) for start, end in splits[1:]]
     kernel(*args, splits[0][0], splits[0][1], out.data_ptr())
     for future in futures:

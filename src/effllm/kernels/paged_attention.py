@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from effllm.kernels.attention import causal_window_mask, sdpa_attention
+from effllm.kernels.kv_quant import dequantize_kv
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it.
     import triton
@@ -44,6 +45,21 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     return rows.view(*block_tables.shape[:-1], -1, *cache.shape[2:])
 
 
+def gather_values(
+    cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    params: torch.Tensor | None = None,
+    bits: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`gather_kv`, dequantized to `dtype` when the cache holds int8/int4 codes with their `params`
+    (`kernels/kv_quant.py`)."""
+    values = gather_kv(cache, block_tables)
+    if bits is None:
+        return values
+    return dequantize_kv(values, gather_kv(params, block_tables), bits, dtype)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -51,17 +67,22 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     key_mask: torch.Tensor | None,
     scale: float,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    kv_bits: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence, at the end of its keys.
 
     q: [B, H, D]; block_tables: [B, blocks] (rows padded with any valid block id);
     key_mask: [B, 1, 1, blocks * block_size], True where the key is visible (None = all are).
-    Returns [B, H, D].
+    A quantized cache (codes) passes its `k_params`, `v_params` and `kv_bits`. Returns [B, H, D].
     """
     b, h, d = q.shape
     kv_heads = k_cache.shape[2]
-    k = gather_kv(k_cache, block_tables).transpose(1, 2)  # [B, kv_heads, keys, D]
-    v = gather_kv(v_cache, block_tables).transpose(1, 2)
+    k = gather_values(k_cache, block_tables, k_params, kv_bits, q.dtype).transpose(
+        1, 2
+    )  # [B, kv_heads, keys, D]
+    v = gather_values(v_cache, block_tables, v_params, kv_bits, q.dtype).transpose(1, 2)
     # The G query heads sharing a kv head become G queries of one head: no repeat of k and v.
     out = F.scaled_dot_product_attention(
         q.view(b, kv_heads, h // kv_heads, d), k, v, attn_mask=key_mask, scale=scale
@@ -77,18 +98,23 @@ def paged_prefill_attention(
     q_start: int,
     window: int | None,
     scale: float,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    kv_bits: int | None = None,
 ) -> torch.Tensor:
     """A chunk of one sequence's queries at positions q_start .. q_start+T-1 over its cached keys.
 
-    q: [T, H, D]; block_ids: [blocks] covering positions 0 .. q_start+T-1. Returns [T, H, D].
+    q: [T, H, D]; block_ids: [blocks] covering positions 0 .. q_start+T-1; a quantized cache passes its
+    params and bits as `paged_decode_attention` does. Returns [T, H, D].
     """
     t = q.shape[0]
     kv_len = q_start + t
     first = (
         0 if window is None else max(0, q_start - window + 1) // k_cache.shape[1]
     )  # first block in the window
-    k = gather_kv(k_cache, block_ids[first:])[None, : kv_len - first * k_cache.shape[1]]
-    v = gather_kv(v_cache, block_ids[first:])[None, : kv_len - first * k_cache.shape[1]]
+    keep = kv_len - first * k_cache.shape[1]
+    k = gather_values(k_cache, block_ids[first:], k_params, kv_bits, q.dtype)[None, :keep]
+    v = gather_values(v_cache, block_ids[first:], v_params, kv_bits, q.dtype)[None, :keep]
     offset = first * k_cache.shape[1]
     mask = causal_window_mask(t, kv_len - offset, window, q.device, q_start=q_start - offset)
     return sdpa_attention(q[None], k, v, scale=scale, mask=mask)[0]
@@ -116,10 +142,45 @@ def decode_key_mask(
 if triton is not None:
 
     @triton.jit
+    def _load_kv(
+        C,
+        P,
+        block,
+        s,
+        kv_head,
+        d,
+        kv_mask,
+        visible,
+        stride_b,
+        stride_s,
+        stride_h,
+        stride_pb,
+        stride_ps,
+        stride_ph,
+        KV_BITS: tl.constexpr,
+    ):
+        """One block's keys or values [BLOCK_SIZE, DIM_PAD] as float32: stored as they are (KV_BITS 16), or
+        int8/int4 codes dequantized with their float16 step and minimum (kernels/kv_quant.py)."""
+        row = C + block * stride_b + s[:, None] * stride_s + kv_head * stride_h
+        if KV_BITS == 16:
+            return tl.load(row + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        if KV_BITS == 8:
+            codes = tl.load(row + d[None, :], mask=kv_mask, other=0).to(tl.float32)
+        else:
+            packed = tl.load(row + (d // 2)[None, :], mask=kv_mask, other=0)
+            codes = ((packed >> ((d % 2) * 4).to(tl.uint8)[None, :]) & 15).to(tl.float32)
+        params = P + block * stride_pb + s * stride_ps + kv_head * stride_ph
+        step = tl.load(params, mask=visible, other=0.0).to(tl.float32)
+        low = tl.load(params + 1, mask=visible, other=0.0).to(tl.float32)
+        return codes * step[:, None] + low[:, None]
+
+    @triton.jit
     def _paged_attention_kernel(
         Q,
         K,
         V,
+        KP,
+        VP,
         Out,
         BLOCK_TABLES,
         SEQ_IDS,
@@ -137,6 +198,10 @@ if triton is not None:
         stride_vs,
         stride_vh,
         stride_bt,
+        stride_pb,
+        stride_ps,
+        stride_ph,
+        KV_BITS: tl.constexpr,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -168,21 +233,45 @@ if triton is not None:
             key_pos = blk * BLOCK_SIZE + s
             visible = (key_pos <= pos) & (key_pos >= lo)
             kv_mask = visible[:, None] & d_ok[None, :]
-            k = tl.load(
-                K + block * stride_kb + s[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            ).to(tl.float32)  # [BLOCK_SIZE, DIM_PAD]
+            k = _load_kv(
+                K,
+                KP,
+                block,
+                s,
+                kv_head,
+                d,
+                kv_mask,
+                visible,
+                stride_kb,
+                stride_ks,
+                stride_kh,
+                stride_pb,
+                stride_ps,
+                stride_ph,
+                KV_BITS,
+            )  # [BLOCK_SIZE, DIM_PAD] float32
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_SIZE]
             scores = tl.where(visible[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(
-                V + block * stride_vb + s[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            ).to(tl.float32)
+            v = _load_kv(
+                V,
+                VP,
+                block,
+                s,
+                kv_head,
+                d,
+                kv_mask,
+                visible,
+                stride_vb,
+                stride_vs,
+                stride_vh,
+                stride_pb,
+                stride_ps,
+                stride_ph,
+                KV_BITS,
+            )
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m = m_new
@@ -203,12 +292,16 @@ def paged_attention_triton(
     positions: torch.Tensor,
     window: int | None,
     scale: float,
+    k_params: torch.Tensor | None = None,
+    v_params: torch.Tensor | None = None,
+    kv_bits: int | None = None,
 ) -> torch.Tensor:
     """Varlen paged attention on CUDA: any mix of prefill chunks and decodes in one launch.
 
     q: [T, H, D] (the step's flattened queries, already written to the cache with `write_kv`);
     block_tables: [seqs, max_blocks] int32; seq_ids, positions: [T] int32, the row of block_tables
     and the absolute position of each query. Query t sees keys at positions (pos - window, pos].
+    An int8/int4 cache passes its codes as k_cache, v_cache with `k_params`, `v_params` and `kv_bits`.
     Returns [T, H, D].
     """
     if triton is None:
@@ -217,10 +310,14 @@ def paged_attention_triton(
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = h // kv_heads
     out = torch.empty_like(q)
+    if kv_bits is None:
+        k_params = v_params = k_cache  # unread
     _paged_attention_kernel[(t, kv_heads)](
         q,
         k_cache,
         v_cache,
+        k_params,
+        v_params,
         out,
         block_tables,
         seq_ids,
@@ -238,6 +335,10 @@ def paged_attention_triton(
         v_cache.stride(1),
         v_cache.stride(2),
         block_tables.stride(0),
+        k_params.stride(0),
+        k_params.stride(1),
+        k_params.stride(2),
+        KV_BITS=16 if kv_bits is None else kv_bits,
         GROUP=group,
         GROUP_PAD=triton.next_power_of_2(group),
         HEAD_DIM=d,

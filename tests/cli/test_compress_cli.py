@@ -104,3 +104,53 @@ def test_gguf_format_writes_a_gguf_file(tiny, tmp_path, capsys):
     assert "GGUF blocks hold 32 weights" in err and not (tmp_path / "h").exists()
     err = _one_line_error(capsys, [*argv, "--model", str(tiny), "--out", str(tmp_path / "b")])
     assert "no BPE merges" in err and not (tmp_path / "b").exists()
+
+
+def test_qoq_writes_effllm_s_own_section_and_serves_with_the_int4_cache(tiny, tmp_path, capsys):
+    out = tmp_path / "qoq"
+    argv = ["compress", "quantize", "--model", str(tiny), "--scheme", "w4a8kv4", "--group-size", "64"]
+    argv += ["--num-samples", "4", "--calibration-seq-len", "32", "--out", str(out), "--no-report"]
+    assert main(argv) == 0
+    section = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert section["format"] == "qoq" and section["kv_cache_dtype"] == "int4"
+    assert section["steps"]["smooth_attention"] and section["effllm_method"] == "gptq"
+    assert type(load_model(out, device="cpu").model.layers[0].mlp.down_proj).__name__ == "QoQLinear"
+    assert main(["generate", "Hello", "--model", str(out), "--max-tokens", "4"]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text(
+        "It is a truth universally acknowledged, that a single man in possession of a fortune. " * 8
+    )
+    capsys.readouterr()
+    assert main(["eval", "perplexity", str(text), "--model", str(out), "--max-length", "64", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)["token_perplexity"]
+    argv = [
+        "eval",
+        "perplexity",
+        str(text),
+        "--model",
+        str(out),
+        "--max-length",
+        "64",
+        "--kv-cache-dtype",
+        "int8",
+    ]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_perplexity"] != scored  # auto meant int4 here
+
+
+def test_qoq_flags_are_refused_for_other_schemes(tiny, tmp_path, capsys):
+    err = _one_line_error(
+        capsys,
+        [
+            "compress",
+            "quantize",
+            "--model",
+            str(tiny),
+            "--scheme",
+            "w4a16",
+            "--clip",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert "w4a8" in err

@@ -3,13 +3,15 @@
 import pytest
 import torch
 
-from effllm.compress import W4A16, W8A8, quantize_
+from effllm.compress import W4A8, W4A16, W8A8, quantize_
 from effllm.models.fused_projections import fuse_projections
 from effllm.models.quantized_linear import QuantizedLinear
 from tests.compress.conftest import quant_model
 
+QOQ = W4A8(group_size=32, method="rtn", rotate=False, smooth_linear=False)
 
-@pytest.mark.parametrize("config", [None, W4A16(), W8A8(), W4A16(symmetric=False)])
+
+@pytest.mark.parametrize("config", [None, W4A16(), W8A8(), W4A16(symmetric=False), QOQ])
 @pytest.mark.parametrize("rows", [1, 7, 20])
 def test_fused_model_computes_the_same_logits(config, rows):
     model = quant_model()

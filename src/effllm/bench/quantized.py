@@ -1,8 +1,9 @@
 """`effllm bench quantized`: the same random weights dense and quantized, measured side by side.
 
-For each variant (`fp32`, `bf16`, `w8a16`, `w8a8`, `w4a16`) the benchmark loads the one random checkpoint of
-`--shape` (or `--model`), quantizes it by round to nearest (bf16 dense layers and scales; the method does
-not change the speed), and measures batch-1 prefill and decode (greedy, EOS ignored) and, with
+For each variant (`fp32`, `bf16`, `w8a16`, `w8a8`, `w4a16`, `w4a8`) the benchmark loads the one random
+checkpoint of `--shape` (or `--model`), quantizes it by round to nearest (bf16 dense layers and scales; the
+method does not change the speed; w4a8 is QoQ's progressive grid in groups of `--group-size`, as w4a16,
+without its data-driven steps), and measures batch-1 prefill and decode (greedy, EOS ignored) and, with
 `--throughput-requests N`, offline throughput of N requests. Speed ratios against bf16 and fp32 come from
 the same run; the roofline share uses the variant's actual weight bytes and a bandwidth measured in the run.
 """
@@ -24,7 +25,7 @@ from effllm.engine.config import EngineConfig
 from effllm.engine.llm_engine import LLMEngine
 from effllm.models import load_model
 
-VARIANTS = ("fp32", "bf16", "w8a16", "w8a8", "w4a16")
+VARIANTS = ("fp32", "bf16", "w8a16", "w8a8", "w4a16", "w4a8")
 NO_PREFIX_CACHING = {"enable_prefix_caching": False}
 
 
@@ -35,6 +36,8 @@ def build_variant(path: str, variant: str, group_size: int, skip: list[str]):
     model = load_model(path, dtype=dtype, device="cpu")
     if variant in SCHEMES:
         options = {"group_size": group_size} if variant == "w4a16" else {}
+        if variant == "w4a8":  # the grid only: rotation, smoothing and GPTQ change the values, not the speed
+            options = dict(group_size=group_size, method="rtn", rotate=False, smooth_linear=False)
         quantize_(model, SCHEMES[variant](skip=skip, **options), show_progress=False)
     return model
 
@@ -140,7 +143,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}"
     )
-    parser.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="w4a16 group size")
+    parser.add_argument(
+        "--group-size", type=int, default=32, choices=[32, 64, 128], help="w4a16 and w4a8 group size"
+    )
     parser.add_argument("--skip", default="lm_head", help="linears left dense (comma-separated; '' for none)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -1,6 +1,10 @@
 """`effllm compress quantize`: quantize a checkpoint's linear layers and write it in compressed-tensors.
 
     effllm compress quantize --model M --scheme w4a16 --method gptq --group-size 32 --out DIR
+    effllm compress quantize --model M --scheme w4a8kv4 --out DIR     # QoQ; serve it with the int4 KV cache
+
+QoQ's schemes (w4a8, w4a8kv4) have no compressed-tensors name: they are written in EffLLM's own
+`quantization_config` (docs/compression.md), which only EffLLM loads.
 
 It ends with a report: weight bytes before and after, held-out perplexity (*Persuasion*) before and after,
 and batch-1 decode tokens/s before and after with its fraction of this machine's memory roofline
@@ -40,7 +44,7 @@ def register(subparsers) -> None:
     g.set_defaults(func=run_import_gguf)
     q = sub.add_parser(
         "quantize",
-        help="quantize the linear layers (W8A16, W4A16, W8A8; RTN, GPTQ, AWQ, SmoothQuant)",
+        help="quantize the linear layers (W8A16, W4A16, W8A8, QoQ's W4A8 and W4A8KV4; RTN, GPTQ, AWQ, SmoothQuant)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,18 +55,49 @@ def register(subparsers) -> None:
     q.add_argument(
         "--scheme",
         required=True,
-        choices=["w8a16", "w4a16", "w8a8"],
+        choices=["w8a16", "w4a16", "w8a8", "w4a8", "w4a8kv4"],
         help="w8a16: int8 weights per channel; w4a16: int4 weights in groups; w8a8: int8 weights "
-        "per channel and int8 activations per token (dynamic)",
+        "per channel and int8 activations per token (dynamic); w4a8: QoQ (QServe) progressive 4-bit weights "
+        "and int8 activations; w4a8kv4: w4a8 with SmoothAttention and an int4 KV cache",
     )
     q.add_argument(
         "--method",
-        default="rtn",
+        default=None,
         choices=["rtn", "gptq", "awq", "smoothquant"],
-        help="rtn (no data), gptq, awq (weight-only schemes), smoothquant (w8a8); default rtn",
+        help="rtn (no data), gptq, awq (weight-only schemes), smoothquant (w8a8); default rtn, gptq for w4a8*",
     )
     q.add_argument(
-        "--group-size", type=int, default=32, choices=[32, 64, 128], help="w4a16 group size (default 32)"
+        "--group-size",
+        type=int,
+        default=None,
+        choices=[32, 64, 128],
+        help="w4a16 / w4a8 group size (default 32 / 128)",
+    )
+    qoq = q.add_argument_group("QoQ steps (w4a8, w4a8kv4), each switchable for an ablation")
+    qoq.add_argument(
+        "--no-rotate", dest="rotate", action="store_false", help="no Hadamard rotation of block inputs"
+    )
+    qoq.add_argument(
+        "--no-smooth-linear",
+        dest="smooth_linear",
+        action="store_false",
+        help="no SmoothLinear (alpha: --alpha)",
+    )
+    qoq.add_argument(
+        "--no-smooth-attention",
+        dest="smooth_attention",
+        action="store_false",
+        default=None,
+        help="no SmoothAttention (on for w4a8kv4)",
+    )
+    qoq.add_argument(
+        "--smooth-attention",
+        dest="smooth_attention",
+        action="store_true",
+        help="SmoothAttention also for w4a8",
+    )
+    qoq.add_argument(
+        "--clip", action="store_true", help="search each channel's weight range (shrink 1.0 to 0.8)"
     )
     q.add_argument("--asymmetric", action="store_true", help="w4a16: asymmetric grid with zero points")
     q.add_argument(
@@ -89,7 +124,12 @@ def register(subparsers) -> None:
     )
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (default 0.01)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
-    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
+    q.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="SmoothQuant / SmoothLinear migration strength (default 0.5, QoQ 0.3)",
+    )
     q.add_argument(
         "--dtype",
         default=None,
@@ -120,15 +160,22 @@ def make_config(args: argparse.Namespace):
     from effllm.compress import SCHEMES
 
     cls = SCHEMES[args.scheme]
-    options = {
-        "method": args.method,
-        "skip": [s for s in args.skip.split(",") if s],
-        "damp": args.damp,
-        "act_order": args.act_order,
-        "alpha": args.alpha,
-    }
+    options = {"skip": [s for s in args.skip.split(",") if s], "damp": args.damp, "act_order": args.act_order}
+    for name in ("method", "alpha", "group_size"):  # None: the scheme's default
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.scheme == "w4a16":
-        options.update(group_size=args.group_size, symmetric=not args.asymmetric)
+        options["symmetric"] = not args.asymmetric
+    elif args.group_size is not None and args.scheme not in ("w4a8", "w4a8kv4"):
+        raise InputError(f"--group-size applies to w4a16, w4a8 and w4a8kv4, not {args.scheme}")
+    if args.scheme in ("w4a8", "w4a8kv4"):
+        options.update(rotate=args.rotate, smooth_linear=args.smooth_linear, clip=args.clip)
+        if args.smooth_attention is not None:
+            options["smooth_attention"] = args.smooth_attention
+    elif not (args.rotate and args.smooth_linear and args.smooth_attention is None and not args.clip):
+        raise InputError(
+            "--no-rotate, --no-smooth-linear, --[no-]smooth-attention and --clip apply to w4a8 and w4a8kv4"
+        )
     return cls(**options)
 
 
@@ -145,7 +192,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     config = make_config(args)
     config.check()
     if args.format == "gguf" and not (
-        args.scheme == "w8a16" or (args.scheme == "w4a16" and args.group_size == 32)
+        args.scheme == "w8a16" or (args.scheme == "w4a16" and config.group_size == 32)
     ):
         raise InputError(
             "GGUF blocks hold 32 weights: choose --scheme w4a16 --group-size 32 or --scheme w8a16"
@@ -164,7 +211,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     before = _measure(model, tokenizer) if args.report else {}
     bytes_before = resident_bytes(model)
     ids = None
-    if config.method != "rtn":
+    if config.needs_calibration():
         ids = calibration_ids(tokenizer, args.num_samples, args.calibration_seq_len, args.calibration_data)
     start = time.perf_counter()
     quantize_(model, config, calibration=ids)
@@ -208,12 +255,16 @@ def _measure(model, tokenizer) -> dict:
     from effllm.bench.generate import _measure as measure_run
     from effllm.compress.sizes import streamed_bytes
     from effllm.engine.config import EngineConfig
+    from effllm.engine.kv_cache import resolve_kv_bits
     from effllm.engine.llm_engine import LLMEngine
     from effllm.eval.corpus import heldout_text
     from effllm.eval.perplexity import perplexity
+    from effllm.models.kv_round_trip import with_kv_round_trip
 
     text = " ".join(heldout_text().split(" ")[:20000])
-    ppl = perplexity(model, tokenizer, text, batch_size=8)
+    kv_bits = resolve_kv_bits("auto", model.config)  # a w4a8kv4 model is scored with its int4 cache
+    scored = model if kv_bits is None else with_kv_round_trip(model, kv_bits)
+    ppl = perplexity(scored, tokenizer, text, batch_size=8)
     prompt = torch.randint(
         0, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(1)
     ).tolist()

@@ -12,6 +12,8 @@ fixed up front from the original weights ("static groups"), so the stored layout
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from effllm.compress.rtn import QuantizedWeight, QuantSpec, dequantize, quant_params, quantize
@@ -40,8 +42,14 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    grid: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> QuantizedWeight:
-    """Quantize `weight` [N, K] on `spec`'s grid, minimising the output error under `hessian` [K, K]."""
+    """Quantize `weight` [N, K] on `spec`'s grid, minimising the output error under `hessian` [K, K].
+
+    `grid(columns [N, group]) -> (scale [N, 1], zero [N, 1] or None)` replaces round-to-nearest's grid of
+    each group (QoQ's progressive grid uses it); it needs groups and no act_order."""
+    if grid is not None and (spec.group_size is None or act_order):
+        raise ValueError("a custom grid needs groups and act_order=False")
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
     h = hessian.to(torch.float32).clone()
@@ -74,7 +82,12 @@ def gptq(
             col = perm[b0 + i].item()
             g = col // group
             if not static and spec.group_size is not None and col % group == 0:  # a group starts here
-                s, z = quant_params(w1[:, i : i + group], QuantSpec(spec.bits, None, spec.symmetric))
+                columns = w1[:, i : i + group]
+                s, z = (
+                    grid(columns)
+                    if grid
+                    else quant_params(columns, QuantSpec(spec.bits, None, spec.symmetric))
+                )
                 scale[:, g] = s[:, 0]
                 if zero is not None:
                     zero[:, g] = z[:, 0]

@@ -42,6 +42,10 @@ class QuantizeConfig:
     methods = ("rtn", "gptq")
     activation_bits = 16
 
+    def needs_calibration(self) -> bool:
+        """Whether the method (or a scheme's data-driven steps) needs calibration ids."""
+        return self.method != "rtn"
+
     def spec(self) -> QuantSpec:
         raise TypeError(
             f"{type(self).__name__} names no grid; use one of {', '.join(c.__name__ for c in SCHEMES.values())}"
@@ -90,7 +94,47 @@ class W8A8(QuantizeConfig):
         return QuantSpec(8, None, True)
 
 
-SCHEMES: dict[str, type[QuantizeConfig]] = {"w8a16": W8A16, "w4a16": W4A16, "w8a8": W8A8}
+@dataclass
+class W4A8(QuantizeConfig):
+    """QoQ's W4A8 (`effllm.compress.qoq`): progressive 4-bit weights in groups, int8 activations per token."""
+
+    method: str = "gptq"
+    group_size: int = 128
+    alpha: float = 0.3  # SmoothLinear's migration strength (QoQ g128)
+    rotate: bool = True  # Hadamard rotation of the block inputs
+    smooth_linear: bool = True
+    smooth_attention: bool = False  # pays off with a 4-bit KV cache (W4A8KV4 turns it on)
+    clip: bool = False  # search the first level's range per channel
+    kv_cache_dtype = "auto"
+    activation_bits = 8
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(4, self.group_size, False)
+
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq" or self.smooth_linear or self.smooth_attention or self.clip
+
+    def check(self) -> None:
+        super().check()
+        if self.group_size not in (32, 64, 128):
+            raise InputError(f"group size {self.group_size} is not supported; choose 32, 64 or 128")
+
+
+@dataclass
+class W4A8KV4(W4A8):
+    """QoQ's W4A8KV4: W4A8 plus SmoothAttention, and the int4 KV cache asked of the engine."""
+
+    smooth_attention: bool = True
+    kv_cache_dtype = "int4"
+
+
+SCHEMES: dict[str, type[QuantizeConfig]] = {
+    "w8a16": W8A16,
+    "w4a16": W4A16,
+    "w8a8": W8A8,
+    "w4a8": W4A8,
+    "w4a8kv4": W4A8KV4,
+}
 Handler = Callable[[nn.Module, QuantizeConfig, torch.Tensor | None, bool], None]
 HANDLERS: dict[type[QuantizeConfig], Handler] = {}
 
@@ -111,9 +155,10 @@ def quantize_(
 ) -> nn.Module:
     """Quantize `model`'s linear layers in place as `config` says; returns the model."""
     config.check()
-    if config.method != "rtn" and calibration is None:
+    if config.needs_calibration() and calibration is None:
         raise InputError(
-            f"method {config.method} needs calibration ids; pass calibration= (see calibration_ids)"
+            f"{type(config).__name__} with method {config.method} needs calibration ids; pass calibration= "
+            "(see calibration_ids)"
         )
     targets = target_linears(model, config)
     if not targets:
@@ -135,7 +180,30 @@ def target_linears(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Lin
 
 
 def quantization_config(config: QuantizeConfig, model: nn.Module) -> dict[str, Any]:
-    """compressed-tensors' `quantization_config` for what `config` did (read back by the layout)."""
+    """compressed-tensors' `quantization_config` for what `config` did (read back by the layout); QoQ,
+    which compressed-tensors has no name for, gets EffLLM's own (docs/compression.md)."""
+    if isinstance(config, W4A8):
+        return {
+            "quant_method": "effllm",
+            "format": "qoq",
+            "weights": {
+                "num_bits": 4,
+                "group_size": config.group_size,
+                "levels": "int8 per channel, uint4 per group",
+            },
+            "group_size": config.group_size,
+            "input_activations": {"num_bits": 8, "strategy": "token", "symmetric": True, "dynamic": True},
+            "kv_cache_dtype": config.kv_cache_dtype,
+            "ignore": sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear)),
+            "effllm_method": config.method,
+            "steps": {
+                "rotate": config.rotate,
+                "smooth_linear": config.smooth_linear,
+                "smooth_linear_alpha": config.alpha,
+                "smooth_attention": config.smooth_attention,
+                "clip": config.clip,
+            },
+        }
     spec = config.spec()
     weights = {
         "num_bits": spec.bits,
@@ -294,3 +362,6 @@ def _rescale_layer(
                 x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_AWQ_TOKENS]]
             s = awq.search_scales(x, [m.weight for m in linears], spec)
         awq.fold_scales(prev, linears, s.to(linears[0].weight.device))
+
+
+from effllm.compress import qoq  # noqa: E402, F401  (registers the W4A8 and W4A8KV4 handlers)

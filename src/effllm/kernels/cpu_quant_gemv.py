@@ -14,13 +14,14 @@ from effllm.kernels.cpu.build import DEFAULT_FLAGS, cpu_features, load_kernel
 
 # Rows (tokens) up to which the kernels beat dequantize + F.linear, by (weight bits, activation bits);
 # measured on SmolLM-135M shapes, 2 threads (docs/compression.md).
-MAX_ROWS = {(4, 16): 8, (8, 16): 8, (8, 8): 16}
+MAX_ROWS = {(4, 16): 8, (8, 16): 8, (8, 8): 16, (4, 8): 4}
 
 _p, _i, _c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "gemv_w4": ([_p, _p, _p, _c, _p, _p, _i, _i, _i, _i, _c, _c], None),
     "gemv_w8": ([_p, _p, _p, _c, _p, _i, _i, _i, _c, _c], None),
     "gemv_w8a8": ([_p, _p, _p, _c, _p, _p, _i, _i, _i, _c, _c], None),
+    "gemv_w4a8": ([_p, _p, _p, _c, _p, _p, _p, _i, _i, _i, _i, _c, _c], None),
     "dequantize_rows": ([_p, _c, _c, _p, _c, _p, _p, _c, _i, _i, _i, _c], None),
 }
 

@@ -5,7 +5,7 @@ matrix-vector products where it ran five (fewer kernel launches, one pass over t
 and up_proj) into one module kept beside them, outside the module tree, and makes the originals' tensors
 views into it: no weight is stored twice, `state_dict()` keeps the Hugging Face names and layout, and a
 saved model is unchanged. Dense (`nn.Linear`) and quantized (`QuantizedLinear`, symmetric grids: its
-tensors are per row) projections fuse when the three (or two) share their type and grid. Attention and
+tensors are per row; `QoQLinear`, all of whose tensors are per row) projections fuse when the three (or two) share their type and grid. Attention and
 the MLP take the fused module while it still fuses the modules they hold (`current`). Training never calls this; the engine does, on CPU.
 """
 
@@ -15,12 +15,15 @@ import torch
 from torch import nn
 
 from effllm.models.decode_linear import DecodeLinear
+from effllm.models.qoq_linear import QoQLinear
 from effllm.models.quantized_linear import QuantizedLinear
 
-_ROW_TENSORS = ("weight_packed", "weight", "weight_scale")
+_ROW_TENSORS = ("weight_packed", "weight", "weight_scale", "qweight", "group_scale", "group_zero")
 
 
 def _grid(m: nn.Module):
+    if isinstance(m, QoQLinear):  # every tensor is per row, activations per token: fusing is exact
+        return ("qoq", m.group_size, m.in_features, m.weight_scale.dtype)
     if isinstance(m, QuantizedLinear):
         return (
             "q",
@@ -47,7 +50,19 @@ def fuse_rows(parts: list[nn.Module]) -> nn.Module | None:
     bias = [p.bias for p in parts]
     if any(b is None for b in bias) and not all(b is None for b in bias):
         return None
-    if isinstance(first, QuantizedLinear):
+    if isinstance(first, QoQLinear):
+        fused = QoQLinear(
+            first.in_features,
+            sum(sizes),
+            bias[0] is not None,
+            first.group_size,
+            dtype=first.weight_scale.dtype,
+            device=first.weight_scale.device,
+        )
+        for name in _ROW_TENSORS:
+            if name in first._buffers:
+                setattr(fused, name, torch.cat([getattr(p, name) for p in parts]))
+    elif isinstance(first, QuantizedLinear):
         if not first.symmetric:
             return None
         fused = QuantizedLinear(
@@ -73,7 +88,7 @@ def fuse_rows(parts: list[nn.Module]) -> nn.Module | None:
     start = 0
     for p, size in zip(parts, sizes, strict=True):  # the parts now read the fused tensors (no second copy)
         rows = slice(start, start + size)
-        if isinstance(p, QuantizedLinear):
+        if isinstance(p, (QuantizedLinear, QoQLinear)):
             for name in _ROW_TENSORS:
                 if name in p._buffers:
                     p._buffers[name] = fused._buffers[name][rows]

@@ -51,13 +51,16 @@ def compression_section(effllm_section: dict[str, Any]) -> dict[str, Any] | None
 def quantization_section(quantization_config: dict[str, Any] | None) -> dict[str, Any] | None:
     """The layout section for a Hugging Face `quantization_config` (None when there is none).
 
-    compressed-tensors, gptq and awq map to the layouts of those names (the whole mapping is the section);
+    compressed-tensors, gptq and awq map to the layouts of those names (the whole mapping is the section),
+    EffLLM's own (`quant_method: effllm`) to the layout its `format` names;
     formats EffLLM cannot read yet are refused here, with what to do instead."""
     if quantization_config is None:
         return None
     method = quantization_config.get("quant_method")
     if method in ("compressed-tensors", "gptq", "awq"):
         return {**quantization_config, "layout": method}
+    if method == "effllm":  # EffLLM's own formats (QoQ): the layout its "format" names
+        return {**quantization_config, "layout": quantization_config.get("format")}
     raise CheckpointError(
         f"config.json's quantization_config is {method!r}, which EffLLM cannot load yet (it reads "
         "compressed-tensors, gptq and awq); convert the checkpoint with llm-compressor or load the dense model"

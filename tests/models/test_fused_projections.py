@@ -44,3 +44,22 @@ def test_parts_become_views_and_a_swapped_part_retires_the_fusion():
             layer.self_attn.__dict__.pop("fused_qkv")
             layer.mlp.__dict__.pop("fused_gate_up")
         torch.testing.assert_close(got, model(ids))
+
+
+def test_hooks_and_replaced_weights_retire_the_fusion():
+    """Calibration hooks must see the projections' inputs, and a fold that replaces a weight (weight.data =)
+    must not leave the fused copy stale: both fall back to the separate projections."""
+    model = quant_model()
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fuse_projections(model)
+        seen = []
+        attn = model.model.layers[0].self_attn
+        handle = attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        model(ids)
+        handle.remove()
+        assert seen == [(1, 9, 64)]
+        before = model(ids)
+        attn.k_proj.weight.data = attn.k_proj.weight.data * 2  # a new tensor, not an in-place change
+        after = model(ids)
+    assert not torch.allclose(after, before)  # the doubled keys were used, not the fused copy

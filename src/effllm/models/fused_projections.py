@@ -100,14 +100,30 @@ def fuse_rows(parts: list[nn.Module]) -> nn.Module | None:
         start += size
     fused.split_sizes = sizes
     fused.__dict__["parts"] = tuple(parts)  # plain attribute: not submodules
+    fused.__dict__["storage"] = tuple(_storage(p) for p in parts)
     return fused
 
 
+def _storage(part: nn.Module) -> int:
+    """Where a part's weights live (its first row tensor's data pointer)."""
+    for name in ("weight", *_ROW_TENSORS):
+        t = part._parameters.get(name)
+        t = part._buffers.get(name) if t is None else t
+        if t is not None:
+            return t.data_ptr()
+    return 0
+
+
 def current(fused: nn.Module | None, *parts: nn.Module) -> nn.Module | None:
-    """`fused` when it still fuses exactly `parts` (a swapped projection, e.g. by quantize_, retires it)."""
+    """`fused` when it still fuses exactly `parts` and may stand in for them: a swapped projection (e.g. by
+    quantize_), a part whose weights were replaced rather than changed in place (`weight.data = ...`, as
+    smoothing folds do), or a part with forward hooks (calibration observes its inputs) retires it."""
     if fused is None or len(fused.parts) != len(parts):
         return None
-    return fused if all(a is b for a, b in zip(fused.parts, parts, strict=True)) else None
+    for a, b, ptr in zip(fused.parts, parts, fused.storage, strict=True):
+        if a is not b or b._forward_pre_hooks or b._forward_hooks or _storage(b) != ptr:
+            return None
+    return fused
 
 
 def fuse_projections(model: nn.Module) -> int:

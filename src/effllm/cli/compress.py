@@ -231,7 +231,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         "quantize_seconds": round(seconds, 2),
         "weight_bytes_before": bytes_before,
         "weight_bytes_after": resident_bytes(model),
-        "format": args.format,
+        "format": "qoq" if args.scheme in ("w4a8", "w4a8kv4") else args.format,
         "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))
         + sum(f.stat().st_size for f in out.glob("*.gguf")),
     }

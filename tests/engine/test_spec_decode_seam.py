@@ -70,10 +70,11 @@ def test_drafted_decoding_equals_plain_greedy(tiny_llama, k, wrong):
     assert llm.engine.stats.num_prefix_cache_hit_tokens > 0
 
 
-def test_sampling_requests_take_no_drafts(tiny_llama):
+def test_requests_with_penalties_take_no_drafts(tiny_llama):
     batch = [{"prompt_token_ids": p} for p in prompts(2)]
     truth = {tuple(p["prompt_token_ids"]): list(range(64)) for p in batch}
     llm = LLM(tiny_llama)
     llm.engine.proposer = proposer = CorruptingProposer(truth, 3, 0.0)
-    llm.generate(batch, SamplingParams(temperature=0.8, seed=1, max_tokens=8), use_tqdm=False)
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=8, repetition_penalty=1.2)
+    llm.generate(batch, params, use_tqdm=False)
     assert proposer.num_drafts == 0

@@ -27,7 +27,7 @@ NO_PREFIX_CACHING = {"enable_prefix_caching": False}
 
 def _effllm_run(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     # Greedy, as the peers decode: sampling would add a softmax and a draw over the vocabulary per token.
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     stamps = []
     start = time.perf_counter()
     engine.add_request(f"bench-{start}", {"prompt_token_ids": prompt}, params)

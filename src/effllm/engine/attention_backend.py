@@ -44,8 +44,14 @@ class PrefillChunk:
     block_ids: torch.Tensor  # [blocks] covering the chunk's last position
 
 
+# Multi-token queries up to this long (a request verifying drafts) attend row by row as decodes would:
+# each query is a "decode" of its own length, so they take the decode kernel instead of a gathered SDPA.
+SHORT_QUERY = 8
+
+
 class PagedAttention:
-    """CPU (and reference) backend: decodes batched into one call, prefill chunks one SDPA call each.
+    """CPU (and reference) backend: decodes (and the rows of short queries, such as drafts being verified)
+    batched into one call, prefill chunks one SDPA call each.
 
     Decodes use the compiled CPU kernel when it is available (a float32, bfloat16, int8 or int4 cache on CPU),
     else gathered (and dequantized) blocks and SDPA; `use_compiled=False` forces the latter.
@@ -69,14 +75,23 @@ class PagedAttention:
         self.slot_mapping = layout.slot_mapping
         self._decode_views = {}
         d = layout.num_decodes
-        self.decode_blocks, self.decode_lens = layout.block_tables[:d], layout.seq_lens[:d]
+        self.decode_blocks, self.decode_lens = list(layout.block_tables[:d]), list(layout.seq_lens[:d])
         self.prefills = []
+        self.short_rows: list[int] = []  # step rows of short queries, attended as decodes after the first d
         starts = layout.query_start_loc
         for r in range(d, layout.num_requests):
+            if starts[r + 1] - starts[r] <= SHORT_QUERY and layout.num_computed[r] > 0:
+                for j, row in enumerate(range(starts[r], starts[r + 1])):
+                    self.short_rows.append(row)
+                    self.decode_blocks.append(layout.block_tables[r])
+                    self.decode_lens.append(layout.num_computed[r] + j + 1)
+                continue
             end_pos = layout.seq_lens[r]
             blocks = layout.block_tables[r][: -(-end_pos // self.cache.block_size)]
             block_ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
             self.prefills.append(PrefillChunk(starts[r], starts[r + 1], layout.num_computed[r], block_ids))
+        self.num_decodes = d
+        self._short_index = torch.tensor(self.short_rows, dtype=torch.long, device=self.device)
 
     def _decode(
         self,
@@ -137,26 +152,43 @@ class PagedAttention:
         k, v = self.cache.write(layer_idx, k, v, self.slot_mapping)  # as the cache holds them
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
         quant = self.cache.quantized_args(layer_idx)
-        num_decodes = len(self.decode_lens)
-        parts = []
-        if num_decodes:
-            parts.append(self._decode(q[:num_decodes], k_cache, v_cache, window, scale, quant))
-        for chunk in self.prefills:
-            qc = q[chunk.start : chunk.end]
-            if chunk.num_computed == 0:  # nothing cached before the chunk: its own keys are all there is
-                out = sdpa_attention(
-                    qc[None],
-                    k[None, chunk.start : chunk.end],
-                    v[None, chunk.start : chunk.end],
-                    scale=scale,
-                    window=window,
-                )[0]
-            else:
-                out = paged_prefill_attention(
-                    qc, k_cache, v_cache, chunk.block_ids, chunk.num_computed, window, scale, **quant
+        d = self.num_decodes
+        if self.short_rows:  # decodes, then short queries row by row; prefill chunks written in place
+            out = torch.empty_like(q)
+            rows = (
+                torch.cat([q[:d], q.index_select(0, self._short_index)])
+                if d
+                else q.index_select(0, self._short_index)
+            )
+            attended = self._decode(rows, k_cache, v_cache, window, scale, quant)
+            out[:d] = attended[:d]
+            out.index_copy_(0, self._short_index, attended[d:])
+            for chunk in self.prefills:
+                out[chunk.start : chunk.end] = self._prefill(
+                    chunk, q, k, v, k_cache, v_cache, window, scale, quant
                 )
-            parts.append(out)
+            return out[None]
+        parts = []
+        if d:
+            parts.append(self._decode(q[:d], k_cache, v_cache, window, scale, quant))
+        for chunk in self.prefills:
+            parts.append(self._prefill(chunk, q, k, v, k_cache, v_cache, window, scale, quant))
         return (parts[0] if len(parts) == 1 else torch.cat(parts))[None]
+
+    def _prefill(self, chunk, q, k, v, k_cache, v_cache, window, scale, quant) -> torch.Tensor:
+        """One multi-token chunk's attention [chunk queries, H, D]."""
+        qc = q[chunk.start : chunk.end]
+        if chunk.num_computed == 0:  # nothing cached before the chunk: its own keys are all there is
+            return sdpa_attention(
+                qc[None],
+                k[None, chunk.start : chunk.end],
+                v[None, chunk.start : chunk.end],
+                scale=scale,
+                window=window,
+            )[0]
+        return paged_prefill_attention(
+            qc, k_cache, v_cache, chunk.block_ids, chunk.num_computed, window, scale, **quant
+        )
 
 
 class TritonPagedAttention:

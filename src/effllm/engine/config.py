@@ -110,17 +110,41 @@ class EngineConfig:
     seed: int = option(
         0, "seed of the engine's shared sampling generator (requests with a seed use their own)"
     )
+    speculative_method: str | None = option(
+        None,
+        "speculative decoding: ngram (prompt lookup: drafts copied from the request's own earlier tokens); "
+        "greedy output is unchanged, sampled output keeps its distribution (rejection sampling)",
+        choices=("ngram",),
+    )
+    num_speculative_tokens: int = option(4, "drafts per request per step (speculative decoding)")
+    prompt_lookup_max: int = option(4, "ngram: longest suffix looked up in the request's tokens")
+    prompt_lookup_min: int = option(1, "ngram: shortest suffix looked up")
+    speculative_max_running: int = option(
+        8,
+        "draft only while at most this many requests run: a larger batch already keeps the CPU busy and "
+        "verifying drafts then costs more than it saves (docs/decoding.md)",
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "threads"):
+        for name in ("num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "threads",
+                     "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_max_running"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")
         kv_bits(self.kv_cache_dtype)  # ConfigError for an unknown name
+        if self.speculative_method not in (None, "ngram"):
+            raise ConfigError(
+                f"unknown speculative method {self.speculative_method!r}; choose ngram (draft models and early "
+                "exit are not implemented yet)"
+            )
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(
+                f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max ({self.prompt_lookup_max})"
+            )
         if self.kv_cache_memory is not None and parse_memory(self.kv_cache_memory) <= 0:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
 

@@ -28,6 +28,7 @@ from effllm.engine.outputs import RequestOutput
 from effllm.engine.request import Request
 from effllm.engine.sampling_params import SamplingParams
 from effllm.engine.scheduler import Scheduler, SchedulerOutput
+from effllm.engine.spec_decode.ngram import NgramProposer
 from effllm.engine.spec_decode.proposer import Proposer, propose_drafts
 from effllm.models.checkpoint import load_model
 from effllm.models.hub import resolve_model_path
@@ -58,6 +59,14 @@ class EngineStats:
     num_prefix_cache_hit_tokens: int = 0  # prompt tokens taken from the prefix cache instead
     num_preemptions: int = 0
     max_num_running: int = 0  # most requests scheduled in one step (what the KV cache let run at once)
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified
+    num_accepted_tokens: int = 0  # drafts the target agreed with (accepted length = accepted / verifications + 1)
+    num_verifications: int = 0  # request-steps that verified at least one draft
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens produced per request-step that verified drafts (1 = no draft ever accepted)."""
+        return 1 + self.num_accepted_tokens / self.num_verifications if self.num_verifications else 0.0
 
 
 class LLMEngine:
@@ -87,7 +96,11 @@ class LLMEngine:
         eos = list(model.config.eos_token_ids) + list(getattr(tokenizer, "eos_token_ids", None) or [])
         self.eos_token_ids = frozenset(eos)
         self.stats = EngineStats()
-        self.proposer = proposer  # speculative decoding: drafts for greedy requests (spec_decode/)
+        if proposer is None and self.config.speculative_method == "ngram":
+            proposer = NgramProposer(
+                self.config.num_speculative_tokens, self.config.prompt_lookup_min, self.config.prompt_lookup_max
+            )
+        self.proposer = proposer  # speculative decoding (spec_decode/)
 
     @classmethod
     def from_pretrained(
@@ -157,8 +170,9 @@ class LLMEngine:
         If the step fails (an exception in the forward, the sampler or the detokenizer), the requests it
         held are aborted, their blocks freed, and `StepError` names them; the engine stays usable.
         """
-        if self.proposer is not None:
-            propose_drafts(self.proposer, self.scheduler.running, self.config.max_model_len)
+        running = self.scheduler.running
+        if self.proposer is not None and len(running) <= self.config.speculative_max_running:
+            propose_drafts(self.proposer, running, self.config.max_model_len)
         out = self.scheduler.schedule()
         self.stats.num_preemptions += len(out.preempted)
         if not out:
@@ -176,6 +190,11 @@ class LLMEngine:
 
     def _run_step(self, out: SchedulerOutput) -> list[RequestOutput]:
         sampled = self.runner.execute(out)
+        for request, tokens in sampled.items():
+            if request.draft_token_ids:
+                self.stats.num_draft_tokens += len(request.draft_token_ids)
+                self.stats.num_accepted_tokens += len(tokens) - 1
+                self.stats.num_verifications += 1
         self.scheduler.update(out, sampled)
         self.stats.num_steps += 1
         self.stats.max_num_running = max(self.stats.max_num_running, len(out.requests))

@@ -99,10 +99,26 @@ class ModelRunner:
         if len(layout.sample_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(layout.sample_rows, dtype=torch.long, device=self.device)]
         rows = [r for r, n in zip(out.requests, out.num_tokens, strict=True) if r.samples_after(n)]
-        row_requests = [r for r in rows for _ in range(len(r.draft_token_ids) + 1)]
-        drawn = iter(self.sampler(self.model.logits(hidden), row_requests))
+        logits = self.model.logits(hidden)
+        # Sampling requests with drafts are verified by rejection sampling on their own rows; every other row
+        # (greedy drafts included, checked by accept_greedy) goes through the sampler in one batch.
+        spans, start = {}, 0
+        for request in rows:
+            spans[request] = (start, start + len(request.draft_token_ids) + 1)
+            start = spans[request][1]
+        rejection = [r for r in rows if r.draft_token_ids and r.params.temperature > 0]
+        plain = [r for r in rows if r not in rejection] if rejection else rows
+        index = [i for r in plain for i in range(*spans[r])]
+        plain_logits = logits
+        if len(index) < logits.shape[0]:
+            plain_logits = logits[torch.tensor(index, dtype=torch.long, device=self.device)]
+        row_requests = [r for r in plain for _ in range(len(r.draft_token_ids) + 1)]
+        drawn = iter(self.sampler(plain_logits, row_requests) if plain else [])
         result: SampledTokens = {}
         for request in rows:
+            if request in rejection:
+                result[request] = self.sampler.verify(logits[slice(*spans[request])], request)
+                continue
             sampled = [next(drawn) for _ in range(len(request.draft_token_ids) + 1)]
             result[request] = accept_greedy(request.draft_token_ids, sampled)
         return result

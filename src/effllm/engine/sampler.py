@@ -43,36 +43,56 @@ class Sampler:
         return list(zip(token_list, logprobs, strict=True))
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:
-        params = [r.params for r in requests]
         rows = [i for i, g in enumerate(greedy) if not g]
-        x = logits[rows] / torch.tensor([[params[i].temperature] for i in rows], device=logits.device)
-        vocab = x.shape[-1]
-        min_p = [params[i].min_p for i in rows]
-        if any(min_p):
-            probs = x.softmax(dim=-1)
-            limit = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=x.device)[:, None]
-            x = x.masked_fill(probs < limit, NEG_INF)
-        top_k = [params[i].top_k or vocab for i in rows]
-        top_p = [params[i].top_p for i in rows]
-        if any(p < 1 for p in top_p):
-            x = _top_k_top_p(x, top_k, top_p)
-        elif any(k < vocab for k in top_k):
-            x = _top_k(x, top_k)
-        probs = x.softmax(dim=-1)
-        # One uniform per row: from the request's own generator when it has a seed, else the engine's.
-        u = torch.empty(len(rows), device=logits.device)
-        seeded = [j for j, i in enumerate(rows) if requests[i].seed is not None]
-        shared = [j for j, i in enumerate(rows) if requests[i].seed is None]
-        for j in seeded:
-            u[j] = torch.rand(
-                1, generator=requests[rows[j]].sampling_generator(self.device), device=u.device
-            )[0]
-        if shared:
-            u[shared] = torch.rand(len(shared), generator=self.generator, device=u.device)
+        probs = self.probabilities(logits[rows], [requests[i] for i in rows])
+        u = self.uniforms([requests[i] for i in rows])
         drawn = draw_from(probs, u)
         tokens = logits.argmax(dim=-1)
         tokens[rows] = drawn
         return tokens
+
+    def probabilities(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The distribution each row samples from: logits divided by the temperature, then min_p, top_k and
+        top_p (rows of sampling requests; penalties and bans already applied)."""
+        params = [r.params for r in requests]
+        x = logits / torch.tensor([[p.temperature] for p in params], device=logits.device)
+        vocab = x.shape[-1]
+        min_p = [p.min_p for p in params]
+        if any(min_p):
+            probs = x.softmax(dim=-1)
+            limit = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=x.device)[:, None]
+            x = x.masked_fill(probs < limit, NEG_INF)
+        top_k = [p.top_k or vocab for p in params]
+        top_p = [p.top_p for p in params]
+        if any(p < 1 for p in top_p):
+            x = _top_k_top_p(x, top_k, top_p)
+        elif any(k < vocab for k in top_k):
+            x = _top_k(x, top_k)
+        return x.softmax(dim=-1)
+
+    def uniforms(self, requests: list[Request]) -> torch.Tensor:
+        """One uniform per row: from the request's own generator when it has a seed (so its samples do not
+        depend on the batch), else from the engine's."""
+        u = torch.empty(len(requests), device=self.device)
+        seeded = [j for j, r in enumerate(requests) if r.seed is not None]
+        shared = [j for j, r in enumerate(requests) if r.seed is None]
+        for j in seeded:
+            u[j] = torch.rand(1, generator=requests[j].sampling_generator(self.device), device=u.device)[0]
+        if shared:
+            u[shared] = torch.rand(len(shared), generator=self.generator, device=u.device)
+        return u
+
+    def verify(self, logits: torch.Tensor, request: Request) -> list[tuple[int, dict[int, float] | None]]:
+        """Rejection sampling of a sampling request's drafts: logits [k + 1, vocab] at its last token and each
+        draft -> the accepted drafts and the corrected or bonus token, each with its logprobs (or None)."""
+        from effllm.engine.spec_decode.rejection import rejection_sample
+
+        raw = logits.float()
+        rows = [request] * raw.shape[0]
+        tokens = rejection_sample(self.probabilities(raw, rows), request.draft_token_ids, self.uniforms(rows))
+        chosen = torch.tensor(tokens, device=raw.device)
+        logprobs = _logprobs(raw[: len(tokens)], chosen, tokens, [request.params.logprobs] * len(tokens))
+        return list(zip(tokens, logprobs, strict=True))
 
 
 def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

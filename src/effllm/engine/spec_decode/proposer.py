@@ -19,12 +19,13 @@ class Proposer(Protocol):
 
 
 def can_take_drafts(request: Request) -> bool:
-    """Greedy requests with no penalties and past min_tokens: where greedy acceptance (`accept_greedy`)
-    gives exactly the tokens of one-at-a-time decoding. Sampling requests need rejection sampling."""
+    """Requests with no penalties and past min_tokens, whose every token but the last is computed: there
+    greedy acceptance (`accept_greedy`) gives exactly the tokens of one-at-a-time decoding, and rejection
+    sampling (`rejection.py`) exactly its distribution. (Penalties and min_tokens would change each draft
+    position's distribution with the drafts before it.)"""
     p = request.params
     return (
-        p.temperature == 0
-        and not p.has_penalties
+        not p.has_penalties
         and request.num_output_tokens >= p.min_tokens
         and request.num_computed_tokens == request.num_tokens - 1
     )

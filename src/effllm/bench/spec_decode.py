@@ -1,0 +1,148 @@
+"""`effllm bench spec-decode`: speculative decoding against plain decoding, on the same model, in one run.
+
+Workloads (prompts from the held-out *Persuasion*, tokenized by the model's tokenizer):
+- `copy`: a passage of `--passage-tokens`, then its first 16 tokens again: the continuation can copy the
+  passage (what continuing or editing a given text looks like);
+- `free`: the first 32 tokens of a passage; the model writes on (its own text, repetitive or not).
+For each workload, batch-1 greedy decode tokens/s over `--prompts` prompts (median of the prompts' rates)
+for plain decoding and for n-gram drafting at each `--k`, with the mean accepted length (tokens per
+verifying step); and offline throughput of `--concurrent` requests at once, plain, n-gram with the engine's
+default `speculative_max_running` cut-off, and n-gram forced on every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from effllm.bench.shapes import add_engine_args, engine_args
+from effllm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from effllm.eval.corpus import heldout_text
+from effllm.models import load_model, load_tokenizer
+from effllm.models.default import model_or_default
+
+
+def workload_prompts(tokenizer, name: str, count: int, passage_tokens: int) -> list[list[int]]:
+    ids = tokenizer.encode(heldout_text(), add_special_tokens=False)
+    stride = max(passage_tokens, len(ids) // (count + 1))
+    passages = [ids[i * stride : i * stride + passage_tokens] for i in range(count)]
+    if name == "copy":
+        return [p + p[:16] for p in passages]
+    return [p[:32] for p in passages]
+
+
+def batch1(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    rates = []
+    stats = engine.stats
+    before = (stats.num_accepted_tokens, stats.num_verifications)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"b{i}", {"prompt_token_ids": prompt}, params)
+        stamps = []
+        while engine.has_unfinished_requests():
+            if engine.step():
+                stamps.append(time.perf_counter())
+        rates.append((new_tokens - 1) / (stamps[-1] - stamps[0]))
+    accepted, verifications = stats.num_accepted_tokens - before[0], stats.num_verifications - before[1]
+    return {
+        "decode_tokens_per_s": round(statistics.median(rates), 2),
+        "mean_accepted_length": round(1 + accepted / verifications, 3) if verifications else None,
+    }
+
+
+def throughput(model, prompts: list[list[int]], new_tokens: int, **options) -> dict:
+    llm = LLM(model, **options)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2), use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return {
+        "output_tokens_per_s": round(sum(len(o.token_ids) for o in outs) / elapsed, 2),
+        "mean_accepted_length": round(llm.engine.stats.mean_accepted_length, 3) or None,
+    }
+
+
+def run_spec_decode(
+    model_path: str | None = None,
+    workloads: tuple[str, ...] = ("copy", "free"),
+    ks: tuple[int, ...] = (2, 4, 6),
+    prompts: int = 4,
+    passage_tokens: int = 160,
+    new_tokens: int = 128,
+    concurrent: int = 16,
+    **engine_options,
+) -> dict:
+    path = model_or_default(model_path)
+    model = load_model(path, dtype=engine_options.pop("dtype", None) or "auto", device="cpu")
+    tokenizer = load_tokenizer(path)
+    base = {"enable_prefix_caching": False, **engine_options}
+    result = {"model": str(path), "new_tokens": new_tokens, "threads": torch.get_num_threads(), "workloads": {}}
+    for name in workloads:
+        batch = workload_prompts(tokenizer, name, prompts, passage_tokens)
+        r: dict = {"prompt_tokens": [len(p) for p in batch]}
+        r["plain"] = batch1(LLMEngine(model, config=EngineConfig(**base)), batch, new_tokens)
+        for k in ks:
+            config = EngineConfig(**base, speculative_method="ngram", num_speculative_tokens=k)
+            r[f"ngram_k{k}"] = out = batch1(LLMEngine(model, config=config), batch, new_tokens)
+            out["speedup"] = round(out["decode_tokens_per_s"] / r["plain"]["decode_tokens_per_s"], 3)
+        if concurrent:
+            many = (batch * -(-concurrent // len(batch)))[:concurrent]
+            k = ks[len(ks) // 2]
+            t = {"plain": throughput(model, many, new_tokens, **base)}
+            spec = {**base, "speculative_method": "ngram", "num_speculative_tokens": k}
+            t[f"ngram_k{k}"] = throughput(model, many, new_tokens, **spec)
+            t[f"ngram_k{k}_forced"] = throughput(model, many, new_tokens, **spec, speculative_max_running=concurrent)
+            for key in list(t):
+                t[key]["vs_plain"] = round(t[key]["output_tokens_per_s"] / t["plain"]["output_tokens_per_s"], 3)
+            r[f"throughput_{concurrent}_requests"] = t
+        result["workloads"][name] = r
+    return result
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded default model)")
+    parser.add_argument("--workloads", default="copy,free", help="comma-separated: copy, free")
+    parser.add_argument("--k", default="2,4,6", help="comma-separated numbers of drafts per step")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per workload (batch 1, one after another)")
+    parser.add_argument("--passage-tokens", type=int, default=160)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--concurrent", type=int, default=16, help="requests at once for the throughput run (0: none)")
+    add_engine_args(parser, defaults={"enable_prefix_caching": False})
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+
+
+def main(args: argparse.Namespace) -> int:
+    options = engine_args(args)
+    for name in ("speculative_method", "num_speculative_tokens"):
+        options.pop(name, None)  # the benchmark sets them per variant
+    result = run_spec_decode(
+        args.model,
+        tuple(w for w in args.workloads.split(",") if w),
+        tuple(int(k) for k in args.k.split(",") if k),
+        args.prompts,
+        args.passage_tokens,
+        args.new_tokens,
+        args.concurrent,
+        **options,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['model']}: batch-1 greedy decode, {args.new_tokens} new tokens, {result['threads']} threads")
+    for name, r in result["workloads"].items():
+        print(f"  {name}: plain {r['plain']['decode_tokens_per_s']:.1f} tok/s")
+        for key, v in r.items():
+            if key.startswith("ngram"):
+                print(
+                    f"    {key:10s} {v['decode_tokens_per_s']:8.1f} tok/s  x{v['speedup']:.2f}  "
+                    f"accepted length {v['mean_accepted_length']}"
+                )
+            elif key.startswith("throughput"):
+                for variant, t in v.items():
+                    print(f"    {key} {variant:18s} {t['output_tokens_per_s']:8.1f} tok/s  x{t['vs_plain']:.2f}")
+    return 0

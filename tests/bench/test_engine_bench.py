@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from effllm.bench import kv_cache, latency, throughput
+from effllm.bench import kv_cache, latency, spec_decode, throughput
 
 
 def test_throughput_bench_reports_effllm_and_transformers_on_the_same_prompts():
@@ -35,6 +35,16 @@ def test_kv_cache_bench_runs_each_cache_dtype_on_one_budget():
     v = result["variants"]
     assert v["auto"]["kv_cache_tokens"] < v["int8"]["kv_cache_tokens"] < v["int4"]["kv_cache_tokens"]
     assert v["int4"]["tokens_held_vs_first"] > 2 and all(r["output_tokens_per_s"] > 0 for r in v.values())
+
+
+def test_spec_decode_bench_reports_speedup_and_accepted_length():
+    result = spec_decode.run_spec_decode(
+        workloads=("copy",), ks=(2,), prompts=1, passage_tokens=40, new_tokens=12, concurrent=2
+    )
+    r = result["workloads"]["copy"]
+    assert r["plain"]["decode_tokens_per_s"] > 0 and r["ngram_k2"]["speedup"] > 0
+    assert r["ngram_k2"]["mean_accepted_length"] >= 1
+    assert set(r["throughput_2_requests"]) == {"plain", "ngram_k2", "ngram_k2_forced"}
 
 
 def test_latency_bench_reports_ttft_and_tpot_with_chunked_prefill_on_and_off():

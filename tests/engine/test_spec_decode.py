@@ -12,7 +12,6 @@ from effllm.engine.spec_decode.rejection import rejection_sample
 from effllm.engine.spec_decode.verify import accept_greedy
 
 
-
 def test_lookup_takes_the_longest_recent_match():
     assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2, 1, 4) == [7, 1]  # latest earlier "1 2 3" is at 4
     assert lookup([5, 6, 5, 6, 5], 4, 1, 4) == [6, 5]  # "5 6 5" at 0, followed by 6 5
@@ -84,7 +83,9 @@ def repetitive_prompts(n=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        phrase = torch.randint(0, 128, (int(torch.randint(2, 6, (1,), generator=gen)),), generator=gen).tolist()
+        phrase = torch.randint(
+            0, 128, (int(torch.randint(2, 6, (1,), generator=gen)),), generator=gen
+        ).tolist()
         prompt = phrase * int(torch.randint(2, 8, (1,), generator=gen))
         if i % 4 == 3:
             prompt = torch.randint(0, 128, (20,), generator=gen).tolist()
@@ -97,7 +98,13 @@ def test_ngram_greedy_output_equals_plain_greedy_on_a_mixed_batch(tiny_llama, op
     prompts = repetitive_prompts()
     params = SamplingParams(temperature=0, max_tokens=16)
     expected = [o.token_ids for o in LLM(tiny_llama, **options).generate(prompts, params, use_tqdm=False)]
-    llm = LLM(tiny_llama, speculative_method="ngram", num_speculative_tokens=3, speculative_max_running=64, **options)
+    llm = LLM(
+        tiny_llama,
+        speculative_method="ngram",
+        num_speculative_tokens=3,
+        speculative_max_running=64,
+        **options,
+    )
     got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == expected
     stats = llm.engine.stats
@@ -131,6 +138,7 @@ def test_sampled_output_with_drafts_keeps_the_models_distribution(tiny_llama):
     counts = torch.zeros(128)
     for o in outs:
         counts[o.token_ids[1]] += 1
+
     # Exact marginal of token 2: sum over token 1 of p(t1) p(t2 | t1), both after temperature and top-k.
     def dist(ids):
         with torch.no_grad():

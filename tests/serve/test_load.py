@@ -86,6 +86,7 @@ def test_64_concurrent_streams_all_complete_with_the_greedy_text(model_dir):
     assert metric(metrics, "effllm:generation_tokens_total") == NUM_CLIENTS * MAX_TOKENS
     assert metric(metrics, "effllm:time_to_first_token_seconds_count") == NUM_CLIENTS
     assert metric(metrics, "effllm:kv_cache_usage_perc") == 0
+    assert metric(metrics, "effllm:spec_decode_num_draft_tokens") == 0  # no speculation configured
 
 
 def test_client_that_disconnects_mid_stream_frees_its_blocks(slow_engine):

@@ -81,7 +81,12 @@ def run_spec_decode(
     model = load_model(path, dtype=engine_options.pop("dtype", None) or "auto", device="cpu")
     tokenizer = load_tokenizer(path)
     base = {"enable_prefix_caching": False, **engine_options}
-    result = {"model": str(path), "new_tokens": new_tokens, "threads": torch.get_num_threads(), "workloads": {}}
+    result = {
+        "model": str(path),
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+        "workloads": {},
+    }
     for name in workloads:
         batch = workload_prompts(tokenizer, name, prompts, passage_tokens)
         r: dict = {"prompt_tokens": [len(p) for p in batch]}
@@ -96,22 +101,32 @@ def run_spec_decode(
             t = {"plain": throughput(model, many, new_tokens, **base)}
             spec = {**base, "speculative_method": "ngram", "num_speculative_tokens": k}
             t[f"ngram_k{k}"] = throughput(model, many, new_tokens, **spec)
-            t[f"ngram_k{k}_forced"] = throughput(model, many, new_tokens, **spec, speculative_max_running=concurrent)
+            t[f"ngram_k{k}_forced"] = throughput(
+                model, many, new_tokens, **spec, speculative_max_running=concurrent
+            )
             for key in list(t):
-                t[key]["vs_plain"] = round(t[key]["output_tokens_per_s"] / t["plain"]["output_tokens_per_s"], 3)
+                t[key]["vs_plain"] = round(
+                    t[key]["output_tokens_per_s"] / t["plain"]["output_tokens_per_s"], 3
+                )
             r[f"throughput_{concurrent}_requests"] = t
         result["workloads"][name] = r
     return result
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded default model)")
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder (default: the embedded default model)"
+    )
     parser.add_argument("--workloads", default="copy,free", help="comma-separated: copy, free")
     parser.add_argument("--k", default="2,4,6", help="comma-separated numbers of drafts per step")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per workload (batch 1, one after another)")
+    parser.add_argument(
+        "--prompts", type=int, default=4, help="prompts per workload (batch 1, one after another)"
+    )
     parser.add_argument("--passage-tokens", type=int, default=160)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--concurrent", type=int, default=16, help="requests at once for the throughput run (0: none)")
+    parser.add_argument(
+        "--concurrent", type=int, default=16, help="requests at once for the throughput run (0: none)"
+    )
     add_engine_args(parser, defaults={"enable_prefix_caching": False})
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
@@ -133,7 +148,9 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['model']}: batch-1 greedy decode, {args.new_tokens} new tokens, {result['threads']} threads")
+    print(
+        f"{result['model']}: batch-1 greedy decode, {args.new_tokens} new tokens, {result['threads']} threads"
+    )
     for name, r in result["workloads"].items():
         print(f"  {name}: plain {r['plain']['decode_tokens_per_s']:.1f} tok/s")
         for key, v in r.items():
@@ -144,5 +161,7 @@ def main(args: argparse.Namespace) -> int:
                 )
             elif key.startswith("throughput"):
                 for variant, t in v.items():
-                    print(f"    {key} {variant:18s} {t['output_tokens_per_s']:8.1f} tok/s  x{t['vs_plain']:.2f}")
+                    print(
+                        f"    {key} {variant:18s} {t['output_tokens_per_s']:8.1f} tok/s  x{t['vs_plain']:.2f}"
+                    )
     return 0

@@ -14,7 +14,10 @@ BENCHES = {
         "effllm.bench.kv_cache",
         "one long-context workload over a bf16, int8 and int4 KV cache of one size",
     ),
-    "spec-decode": ("effllm.bench.spec_decode", "speculative decoding (n-gram) against plain decoding, batch 1 and 16"),
+    "spec-decode": (
+        "effllm.bench.spec_decode",
+        "speculative decoding (n-gram) against plain decoding, batch 1 and 16",
+    ),
     "latency": ("effllm.bench.latency", "time to first token and per output token, chunked prefill on/off"),
     "load-memory": ("effllm.bench.load_memory", "peak RAM while loading a checkpoint, over its size"),
     "serve": ("effllm.bench.serve", "online load test of an OpenAI server: TTFT, TPOT, ITL, E2EL"),

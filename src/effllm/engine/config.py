@@ -130,8 +130,17 @@ class EngineConfig:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("num_kv_blocks", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "threads",
-                     "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "speculative_max_running"):
+        for name in (
+            "num_kv_blocks",
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "max_model_len",
+            "threads",
+            "num_speculative_tokens",
+            "prompt_lookup_max",
+            "prompt_lookup_min",
+            "speculative_max_running",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")

@@ -60,7 +60,9 @@ class EngineStats:
     num_preemptions: int = 0
     max_num_running: int = 0  # most requests scheduled in one step (what the KV cache let run at once)
     num_draft_tokens: int = 0  # speculative decoding: drafts verified
-    num_accepted_tokens: int = 0  # drafts the target agreed with (accepted length = accepted / verifications + 1)
+    num_accepted_tokens: int = (
+        0  # drafts the target agreed with (accepted length = accepted / verifications + 1)
+    )
     num_verifications: int = 0  # request-steps that verified at least one draft
 
     @property
@@ -98,7 +100,9 @@ class LLMEngine:
         self.stats = EngineStats()
         if proposer is None and self.config.speculative_method == "ngram":
             proposer = NgramProposer(
-                self.config.num_speculative_tokens, self.config.prompt_lookup_min, self.config.prompt_lookup_max
+                self.config.num_speculative_tokens,
+                self.config.prompt_lookup_min,
+                self.config.prompt_lookup_max,
             )
         self.proposer = proposer  # speculative decoding (spec_decode/)
 

@@ -81,6 +81,11 @@ def build_app(
         running=lambda: async_engine.num_requests()[0],
         waiting=lambda: async_engine.num_requests()[1],
         kv_usage=async_engine.kv_cache_usage,
+        spec_decode={
+            "effllm:spec_decode_num_draft_tokens": lambda: engine.stats.num_draft_tokens,
+            "effllm:spec_decode_num_accepted_tokens": lambda: engine.stats.num_accepted_tokens,
+            "effllm:spec_decode_num_verifications": lambda: engine.stats.num_verifications,
+        },
     )
     async_engine.metrics = metrics
     served = Served(

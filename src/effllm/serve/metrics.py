@@ -94,6 +94,7 @@ class ServerMetrics:
         running: Callable[[], float],
         waiting: Callable[[], float],
         kv_usage: Callable[[], float],
+        spec_decode: dict[str, Callable[[], float]] | None = None,
     ):
         self.registry = CollectorRegistry()
         labels = {"model_name": model_name}
@@ -105,6 +106,13 @@ class ServerMetrics:
         gauge("effllm:num_requests_running", "Requests the engine is computing.", running)
         gauge("effllm:num_requests_waiting", "Requests queued for the engine.", waiting)
         gauge("effllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", kv_usage)
+        docs = {  # speculative decoding: totals since start (mean accepted length = 1 + accepted / verifications)
+            "effllm:spec_decode_num_draft_tokens": "Draft tokens verified (speculative decoding).",
+            "effllm:spec_decode_num_accepted_tokens": "Draft tokens the model accepted.",
+            "effllm:spec_decode_num_verifications": "Request-steps that verified drafts.",
+        }
+        for name, read in (spec_decode or {}).items():
+            gauge(name, docs.get(name, name), read)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, list(labels), buckets=buckets, registry=self.registry).labels(

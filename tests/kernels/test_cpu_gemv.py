@@ -13,7 +13,10 @@ needs_kernel = pytest.mark.skipif(not cpu_gemv.gemv_available(), reason="no C co
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("rows", "n", "k"), [(1, 192, 576), (2, 1536, 576), (1, 37, 129), (8, 64, 1000)])
+@pytest.mark.parametrize(
+    ("rows", "n", "k"),
+    [(1, 192, 576), (2, 1536, 576), (1, 37, 129), (8, 64, 1000), (5, 96, 100), (7, 48, 64)],
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_matches_f_linear(dtype, rows, n, k, bias):
     gen = torch.Generator().manual_seed(rows * n + k)
@@ -21,12 +24,32 @@ def test_kernel_matches_f_linear(dtype, rows, n, k, bias):
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     x = torch.randn(1, rows, k, generator=gen).to(dtype)
     with torch.inference_mode():
-        assert cpu_gemv.uses_kernel(x, weight) == (rows <= cpu_gemv.MAX_ROWS[dtype])
+        most = cpu_gemv.MAX_ROWS[dtype]
+        if dtype == torch.bfloat16 and cpu_gemv.bf16_native():
+            most = cpu_gemv.MAX_ROWS_BF16_NATIVE  # bfloat16 activations: the AVX-512 BF16 path
+        assert cpu_gemv.uses_kernel(x, weight) == (rows <= most)
         got = cpu_gemv.linear(x, weight, b)
     expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
     assert got.dtype == dtype and got.shape == (1, rows, n)
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # bf16 rounds the output (and its inputs)
     torch.testing.assert_close(got.float(), expected, atol=tolerance * k**0.5, rtol=tolerance)
+
+
+@pytest.mark.parametrize("k", [64, 100, 1000])
+def test_the_portable_bf16_by_bf16_path_without_avx512_agrees(k):
+    """gemv_bf16_bf16 built without AVX-512 (what other CPUs compile) against float32 math."""
+    from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
+
+    lib = load_kernel(
+        "gemv.c", {"gemv_bf16_bf16": cpu_gemv._SIGNATURE}, flags=(*DEFAULT_FLAGS, "-fopenmp", "-mno-avx512f")
+    )
+    if lib is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(k)
+    w, x = torch.randn(24, k, generator=gen).bfloat16(), torch.randn(5, k, generator=gen).bfloat16()
+    y = torch.empty(5, 24)
+    lib.gemv_bf16_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), 5, 24, k, 1)
+    torch.testing.assert_close(y, x.float() @ w.float().t(), rtol=1e-4, atol=1e-4)
 
 
 def test_with_gradients_on_or_many_rows_it_is_f_linear():

@@ -37,9 +37,17 @@ def test_kv_cache_bench_runs_each_cache_dtype_on_one_budget():
     assert v["int4"]["tokens_held_vs_first"] > 2 and all(r["output_tokens_per_s"] > 0 for r in v.values())
 
 
+def test_spec_decode_bench_cli_prints_json(capsys):
+    parser = argparse.ArgumentParser()
+    spec_decode.add_args(parser)
+    argv = ["--workloads", "free", "--k", "2", "--prompts", "1", "--new-tokens", "6", "--concurrent", "0"]
+    assert spec_decode.main(parser.parse_args([*argv, "--reps", "1", "--json"])) == 0
+    assert "ngram_k2" in json.loads(capsys.readouterr().out)["workloads"]["free"]
+
+
 def test_spec_decode_bench_reports_speedup_and_accepted_length():
     result = spec_decode.run_spec_decode(
-        workloads=("copy",), ks=(2,), prompts=1, passage_tokens=40, new_tokens=12, concurrent=2
+        workloads=("copy",), ks=(2,), prompts=1, passage_tokens=40, new_tokens=12, concurrent=2, reps=1
     )
     r = result["workloads"]["copy"]
     assert r["plain"]["decode_tokens_per_s"] > 0 and r["ngram_k2"]["speedup"] > 0

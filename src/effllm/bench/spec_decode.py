@@ -7,7 +7,8 @@ Workloads (prompts from the held-out *Persuasion*, tokenized by the model's toke
 For each workload, batch-1 greedy decode tokens/s over `--prompts` prompts (median of the prompts' rates)
 for plain decoding and for n-gram drafting at each `--k`, with the mean accepted length (tokens per
 verifying step); and offline throughput of `--concurrent` requests at once, plain, n-gram with the engine's
-default `speculative_max_running` cut-off, and n-gram forced on every step.
+default `speculative_max_running` cut-off, and n-gram forced on every step. Every variant runs each
+prompt in turn, `--reps` times (interleaved, so that the machine's drift falls on all of them alike).
 """
 
 from __future__ import annotations
@@ -35,23 +36,28 @@ def workload_prompts(tokenizer, name: str, count: int, passage_tokens: int) -> l
     return [p[:32] for p in passages]
 
 
-def batch1(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> dict:
+def batch1(engines: dict[str, LLMEngine], prompts: list[list[int]], new_tokens: int, reps: int) -> dict:
+    """Batch-1 greedy decode tokens/s per engine: every prompt run by every engine in turn, `reps` times
+    (interleaved, so the machine's drift falls on all variants alike); medians and mean accepted length."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    rates = []
-    stats = engine.stats
-    before = (stats.num_accepted_tokens, stats.num_verifications)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"b{i}", {"prompt_token_ids": prompt}, params)
-        stamps = []
-        while engine.has_unfinished_requests():
-            if engine.step():
-                stamps.append(time.perf_counter())
-        rates.append((new_tokens - 1) / (stamps[-1] - stamps[0]))
-    accepted, verifications = stats.num_accepted_tokens - before[0], stats.num_verifications - before[1]
-    return {
-        "decode_tokens_per_s": round(statistics.median(rates), 2),
-        "mean_accepted_length": round(1 + accepted / verifications, 3) if verifications else None,
-    }
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(reps):
+        for i, prompt in enumerate(prompts):
+            for name, engine in engines.items():
+                engine.add_request(f"b{i}", {"prompt_token_ids": prompt}, params)
+                stamps = []
+                while engine.has_unfinished_requests():
+                    if engine.step():
+                        stamps.append(time.perf_counter())
+                rates[name].append((new_tokens - 1) / (stamps[-1] - stamps[0]))
+    out = {}
+    for name, engine in engines.items():
+        stats = engine.stats
+        out[name] = {
+            "decode_tokens_per_s": round(statistics.median(rates[name]), 2),
+            "mean_accepted_length": round(stats.mean_accepted_length, 3) or None,
+        }
+    return out
 
 
 def throughput(model, prompts: list[list[int]], new_tokens: int, **options) -> dict:
@@ -75,6 +81,7 @@ def run_spec_decode(
     passage_tokens: int = 160,
     new_tokens: int = 128,
     concurrent: int = 16,
+    reps: int = 2,
     **engine_options,
 ) -> dict:
     path = model_or_default(model_path)
@@ -90,24 +97,36 @@ def run_spec_decode(
     for name in workloads:
         batch = workload_prompts(tokenizer, name, prompts, passage_tokens)
         r: dict = {"prompt_tokens": [len(p) for p in batch]}
-        r["plain"] = batch1(LLMEngine(model, config=EngineConfig(**base)), batch, new_tokens)
+        engines = {"plain": LLMEngine(model, config=EngineConfig(**base))}
         for k in ks:
             config = EngineConfig(**base, speculative_method="ngram", num_speculative_tokens=k)
-            r[f"ngram_k{k}"] = out = batch1(LLMEngine(model, config=config), batch, new_tokens)
+            engines[f"ngram_k{k}"] = LLMEngine(model, config=config)
+        r.update(batch1(engines, batch, new_tokens, reps))
+        for k in ks:
+            out = r[f"ngram_k{k}"]
             out["speedup"] = round(out["decode_tokens_per_s"] / r["plain"]["decode_tokens_per_s"], 3)
         if concurrent:
             many = (batch * -(-concurrent // len(batch)))[:concurrent]
             k = ks[len(ks) // 2]
-            t = {"plain": throughput(model, many, new_tokens, **base)}
             spec = {**base, "speculative_method": "ngram", "num_speculative_tokens": k}
-            t[f"ngram_k{k}"] = throughput(model, many, new_tokens, **spec)
-            t[f"ngram_k{k}_forced"] = throughput(
-                model, many, new_tokens, **spec, speculative_max_running=concurrent
-            )
-            for key in list(t):
-                t[key]["vs_plain"] = round(
-                    t[key]["output_tokens_per_s"] / t["plain"]["output_tokens_per_s"], 3
-                )
+            variants = {
+                "plain": base,
+                f"ngram_k{k}": spec,
+                f"ngram_k{k}_forced": {**spec, "speculative_max_running": concurrent},
+            }
+            runs: dict[str, list[dict]] = {v: [] for v in variants}
+            for _ in range(reps):  # interleaved, as at batch 1
+                for v, options in variants.items():
+                    runs[v].append(throughput(model, many, new_tokens, **options))
+            t = {
+                v: {
+                    "output_tokens_per_s": statistics.median(x["output_tokens_per_s"] for x in results),
+                    "mean_accepted_length": results[-1]["mean_accepted_length"],
+                }
+                for v, results in runs.items()
+            }
+            for v in t:
+                t[v]["vs_plain"] = round(t[v]["output_tokens_per_s"] / t["plain"]["output_tokens_per_s"], 3)
             r[f"throughput_{concurrent}_requests"] = t
         result["workloads"][name] = r
     return result
@@ -127,6 +146,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrent", type=int, default=16, help="requests at once for the throughput run (0: none)"
     )
+    parser.add_argument(
+        "--reps", type=int, default=2, help="interleaved repetitions of every measurement (medians)"
+    )
     add_engine_args(parser, defaults={"enable_prefix_caching": False})
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
@@ -143,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
         args.passage_tokens,
         args.new_tokens,
         args.concurrent,
+        args.reps,
         **options,
     )
     if args.json:

@@ -4,13 +4,15 @@ With a fixed `--kv-cache-memory`, a quantized cache holds more tokens (int4 abou
 64, scales included), so more sequences run at once and each decode step reads the weights for more of
 them. Each variant builds a fresh engine over the same model and runs the same requests (random prompts,
 EOS ignored) in one process, one after the other; reported: blocks and tokens the cache holds, the most
-requests that ran in one step, preemptions, and output tokens/s, with ratios to the first variant.
+requests that ran in one step, preemptions, and output tokens/s, with ratios to the first variant; with
+`--reps N` the variants run interleaved N times and the rates are medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -19,6 +21,27 @@ from effllm.bench.shapes import add_engine_args, add_model_args, bench_checkpoin
 from effllm.bench.throughput import random_prompts
 from effllm.engine import LLM, SamplingParams
 from effllm.models import load_model
+
+
+def _run(model, prompts: list[list[int]], params: SamplingParams, options: dict) -> dict:
+    llm = LLM(model, **options)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    stats = llm.engine.stats
+    stats.max_num_running = 0
+    steps, preemptions = stats.num_steps, stats.num_preemptions
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    blocks = llm.engine.block_manager.num_blocks
+    return {
+        "kv_cache_blocks": blocks,
+        "kv_cache_tokens": blocks * llm.engine.config.block_size,
+        "max_num_running": stats.max_num_running,
+        "steps": stats.num_steps - steps,
+        "preemptions": stats.num_preemptions - preemptions,
+        "elapsed_s": round(elapsed, 2),
+        "output_tokens_per_s": round(sum(len(o.token_ids) for o in outs) / elapsed, 2),
+    }
 
 
 def run_kv_cache(
@@ -31,6 +54,7 @@ def run_kv_cache(
     input_len_max: int = 2048,
     output_len: int = 256,
     seed: int = 0,
+    reps: int = 1,
     **engine_options,
 ) -> dict:
     torch.manual_seed(seed)
@@ -39,27 +63,17 @@ def run_kv_cache(
         model = load_model(model_path, dtype=dtype, device=engine_options.get("device"))
         prompts = random_prompts(num_requests, input_len_min, input_len_max, model.config.vocab_size, seed)
         params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        for _ in range(reps):  # variants interleaved, so the machine's drift falls on all of them alike
+            for name in variants:
+                runs[name].append(_run(model, prompts, params, {**engine_options, "kv_cache_dtype": name}))
         results = {}
-        for name in variants:
-            llm = LLM(model, **{**engine_options, "kv_cache_dtype": name})
-            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-            stats = llm.engine.stats
-            stats.max_num_running = 0
-            steps, preemptions = stats.num_steps, stats.num_preemptions
-            start = time.perf_counter()
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-            elapsed = time.perf_counter() - start
-            blocks = llm.engine.block_manager.num_blocks
+        for name, rs in runs.items():
             results[name] = {
-                "kv_cache_blocks": blocks,
-                "kv_cache_tokens": blocks * llm.engine.config.block_size,
-                "max_num_running": stats.max_num_running,
-                "steps": stats.num_steps - steps,
-                "preemptions": stats.num_preemptions - preemptions,
-                "elapsed_s": round(elapsed, 2),
-                "output_tokens_per_s": round(sum(len(o.token_ids) for o in outs) / elapsed, 2),
+                **rs[-1],
+                "output_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in rs),
             }
-            del llm
+            results[name]["runs_output_tokens_per_s"] = [r["output_tokens_per_s"] for r in rs]
         first = results[variants[0]]
         for r in results.values():
             r["tokens_held_vs_first"] = round(r["kv_cache_tokens"] / first["kv_cache_tokens"], 3)
@@ -86,6 +100,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len-min", type=int, default=1024)
     parser.add_argument("--input-len-max", type=int, default=2048)
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument(
+        "--reps", type=int, default=1, help="interleaved repetitions of every variant (medians)"
+    )
     add_engine_args(parser, defaults={"kv_cache_memory": "160MiB"})
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
@@ -103,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
         args.input_len_min,
         args.input_len_max,
         args.output_len,
+        reps=args.reps,
         **options,
     )
     if args.json:

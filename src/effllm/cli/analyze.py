@@ -20,6 +20,7 @@ from effllm.analyze.runtime_model import RuntimeModel, fit_runtime_model, load_r
 from effllm.analyze.shapes import PRESETS, load_model_config
 from effllm.core.errors import EffLLMError
 from effllm.core.flags import parse_key_values
+from effllm.kernels.kv_quant import KV_CACHE_DTYPES
 from effllm.optim.registry import list_optimizers
 
 
@@ -54,7 +55,7 @@ def _add_bits(p: argparse.ArgumentParser, a_default: str = "16") -> None:
     p.add_argument("--kv-bits", type=float, default=None, help="KV cache bits (default: --a-bits)")
     p.add_argument(
         "--kv-cache-dtype",
-        choices=("auto", "int8", "int4"),
+        choices=KV_CACHE_DTYPES,
         default=None,
         help="the engine's KV-cache storage, counted with its per-token scales (int4 at head_dim 64: 4.5 bits); "
         "overrides --kv-bits (default: a quantized checkpoint's, else --kv-bits)",
@@ -77,15 +78,13 @@ def _bits(args: argparse.Namespace) -> dict[str, float]:
 def _kv_bits(args: argparse.Namespace) -> float | None:
     """KV bits per value: --kv-cache-dtype (scales included), else --kv-bits, else a checkpoint's KV dtype."""
     from effllm.analyze.shapes import load_model_config
-    from effllm.kernels.kv_quant import bits_per_value, kv_bits
+    from effllm.engine.kv_cache import resolve_kv_bits
+    from effllm.kernels.kv_quant import bits_per_value
 
-    name = args.kv_cache_dtype
-    if name is None and args.kv_bits is not None:
+    if args.kv_cache_dtype is None and args.kv_bits is not None:
         return args.kv_bits
     config = load_model_config(_model(args))
-    if name in (None, "auto"):
-        name = (config.quantization_config or {}).get("kv_cache_dtype", "auto")
-    bits = kv_bits(name)
+    bits = resolve_kv_bits(args.kv_cache_dtype or "auto", config)
     return args.kv_bits if bits is None else bits_per_value(config.head_dim, bits)
 
 

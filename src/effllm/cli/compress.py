@@ -21,6 +21,8 @@ from pathlib import Path
 
 from effllm.core.errors import InputError
 
+QOQ_SCHEMES = ("w4a8", "w4a8kv4")  # QoQ's: their own steps' flags, EffLLM's own format
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -55,7 +57,7 @@ def register(subparsers) -> None:
     q.add_argument(
         "--scheme",
         required=True,
-        choices=["w8a16", "w4a16", "w8a8", "w4a8", "w4a8kv4"],
+        choices=["w8a16", "w4a16", "w8a8", *QOQ_SCHEMES],
         help="w8a16: int8 weights per channel; w4a16: int4 weights in groups; w8a8: int8 weights "
         "per channel and int8 activations per token (dynamic); w4a8: QoQ (QServe) progressive 4-bit weights "
         "and int8 activations; w4a8kv4: w4a8 with SmoothAttention and an int4 KV cache",
@@ -166,9 +168,9 @@ def make_config(args: argparse.Namespace):
             options[name] = getattr(args, name)
     if args.scheme == "w4a16":
         options["symmetric"] = not args.asymmetric
-    elif args.group_size is not None and args.scheme not in ("w4a8", "w4a8kv4"):
+    elif args.group_size is not None and args.scheme not in QOQ_SCHEMES:
         raise InputError(f"--group-size applies to w4a16, w4a8 and w4a8kv4, not {args.scheme}")
-    if args.scheme in ("w4a8", "w4a8kv4"):
+    if args.scheme in QOQ_SCHEMES:
         options.update(rotate=args.rotate, smooth_linear=args.smooth_linear, clip=args.clip)
         if args.smooth_attention is not None:
             options["smooth_attention"] = args.smooth_attention
@@ -231,7 +233,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         "quantize_seconds": round(seconds, 2),
         "weight_bytes_before": bytes_before,
         "weight_bytes_after": resident_bytes(model),
-        "format": "qoq" if args.scheme in ("w4a8", "w4a8kv4") else args.format,
+        "format": "qoq" if args.scheme in QOQ_SCHEMES else args.format,
         "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))
         + sum(f.stat().st_size for f in out.glob("*.gguf")),
     }

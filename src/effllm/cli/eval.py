@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from effllm.core.errors import InputError
+from effllm.kernels.kv_quant import KV_CACHE_DTYPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,7 +94,7 @@ def _add_model_args(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument(
         "--kv-cache-dtype",
-        choices=("auto", "int8", "int4"),
+        choices=KV_CACHE_DTYPES,
         default="auto",
         help="score as the engine would with this KV cache: keys and values quantized and dequantized per "
         "token and head (default auto: unquantized, or what a quantized checkpoint's config.json asks for)",

@@ -186,11 +186,7 @@ def quantization_config(config: QuantizeConfig, model: nn.Module) -> dict[str, A
         return {
             "quant_method": "effllm",
             "format": "qoq",
-            "weights": {
-                "num_bits": 4,
-                "group_size": config.group_size,
-                "levels": "int8 per channel, uint4 per group",
-            },
+            "weights": {"num_bits": 4, "levels": "int8 per channel, uint4 per group"},
             "group_size": config.group_size,
             "input_activations": {"num_bits": 8, "strategy": "token", "symmetric": True, "dynamic": True},
             "kv_cache_dtype": config.kv_cache_dtype,

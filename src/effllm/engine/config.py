@@ -14,7 +14,7 @@ import torch
 
 from effllm.core.errors import ConfigError
 from effllm.core.flags import add_dataclass_flags, given_fields, option
-from effllm.kernels.kv_quant import kv_bits
+from effllm.kernels.kv_quant import KV_CACHE_DTYPES, kv_bits
 
 _UNITS = {
     "": 1,
@@ -85,7 +85,7 @@ class EngineConfig:
         "how the KV cache stores keys and values: auto (the model's dtype, or what a quantized checkpoint's "
         "config.json asks for, e.g. int4 after --scheme w4a8kv4), int8 or int4 (asymmetric per token and "
         "head, a float16 step and minimum each: about 1.9x / 3.6x the tokens of bfloat16 at head_dim 64)",
-        choices=("auto", "int8", "int4"),
+        choices=KV_CACHE_DTYPES,
     )
     enable_prefix_caching: bool = option(
         True, "share the KV blocks of a common prompt prefix between requests"

@@ -44,12 +44,12 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         if on_cuda and config.kv_cache_memory is None and config.num_kv_blocks is None:
             activation_bytes = self._profile_activations()
-        self.kv_bits = resolve_kv_bits(config.kv_cache_dtype, model.config)
+        kv_bits = resolve_kv_bits(config.kv_cache_dtype, model.config)
         self.num_blocks = num_kv_blocks(
-            config, model.config, model.dtype, self.device, activation_bytes, self.kv_bits
+            config, model.config, model.dtype, self.device, activation_bytes, kv_bits
         )
         self.cache = PagedKVCache(
-            model.config, self.num_blocks, self.block_size, model.dtype, self.device, self.kv_bits
+            model.config, self.num_blocks, self.block_size, model.dtype, self.device, kv_bits
         )
         self.backend = make_backend(config.attention_backend, self.cache)
         if self.device.type == "cpu" and config.cpu_gemv:

@@ -20,7 +20,8 @@ from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
 # Most rows (tokens) for which the kernel beats F.linear, by weight dtype; bfloat16 weights with bfloat16
 # activations on a CPU with AVX-512 BF16 take `gemv_bf16_bf16` (vdpbf16ps, four rows per pass), which beats
-# F.linear up to 8 rows (1.5-2x at 5-8 rows, SmolLM-135M and default-model shapes, 2 threads).
+# F.linear up to 8 rows (1.5-2x at 5-8 rows, SmolLM-135M and default-model shapes, 2 threads; an ad hoc
+# timing, not a committed benchmark: `effllm bench spec-decode` shows its end-to-end effect).
 MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
 MAX_ROWS_BF16_NATIVE = 8
 

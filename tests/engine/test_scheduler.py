@@ -21,7 +21,7 @@ from effllm.engine.block_manager import BlockManager
 from effllm.engine.config import EngineConfig
 from effllm.engine.request import Request
 from effllm.engine.scheduler import Scheduler
-from effllm.engine.spec_decode.proposer import propose_drafts
+from effllm.engine.spec_decode.proposer import Proposer, propose_drafts
 from effllm.engine.spec_decode.verify import accept_greedy
 
 BLOCK = 4
@@ -72,17 +72,17 @@ class ShadowModel:
         return sampled
 
 
-class FakeProposer:
+class FakeProposer(Proposer):
     """Drafts k tokens per request: the first `right` are the true continuation, the rest are wrong."""
 
     def __init__(self, rng: random.Random, k: int):
         self.rng, self.k = rng, k
 
-    def propose(self, requests):
+    def propose(self, requests, limits):
         drafts = []
-        for request in requests:
-            right = self.rng.randint(0, self.k)
-            truth = run_alone(request.token_ids, self.k)
+        for request, limit in zip(requests, limits, strict=True):
+            right = self.rng.randint(0, limit)
+            truth = run_alone(request.token_ids, limit)
             drafts.append(truth[:right] + [(t + 1) % VOCAB for t in truth[right:]])
         return drafts
 
@@ -148,7 +148,7 @@ def test_scheduler_invariants(w):
                 scheduler.finish(request, "abort")
         ready_decodes = [r for r in scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
         if proposer is not None:
-            propose_drafts(proposer, scheduler.running, config.max_model_len)
+            propose_drafts(proposer, scheduler.running, config.max_model_len, proposer.k)
         out = scheduler.schedule()
         assert out.total_tokens <= config.max_num_batched_tokens
         assert len(scheduler.running) <= config.max_num_seqs

@@ -8,8 +8,11 @@ from effllm.core.errors import ConfigError
 from effllm.engine import LLM, SamplingParams
 from effllm.engine.config import EngineConfig
 from effllm.engine.spec_decode.ngram import NgramProposer, lookup
+from effllm.engine.spec_decode.proposer import Proposer
 from effllm.engine.spec_decode.rejection import rejection_sample
 from effllm.engine.spec_decode.verify import accept_greedy
+from effllm.models import CausalLM, ModelConfig
+from effllm.models.checkpoint import save_model
 
 
 def test_lookup_takes_the_longest_recent_match():
@@ -114,24 +117,30 @@ def test_ngram_greedy_output_equals_plain_greedy_on_a_mixed_batch(tiny_llama, op
         assert stats.num_preemptions > 0
 
 
-class GreedyGuess:
+class GreedyGuess(Proposer):
     """Drafts the target's own argmax continuation (a deterministic proposer, q one-hot), so that sampled
     requests see drafts accepted often and rejected often."""
 
     def __init__(self, model):
         self.model = model
 
-    def propose(self, requests):
+    def propose(self, requests, limits):
         with torch.no_grad():
             return [[int(self.model(torch.tensor([r.token_ids]))[0, -1].argmax())] for r in requests]
 
 
-def test_sampled_output_with_drafts_keeps_the_models_distribution(tiny_llama):
+@pytest.mark.parametrize("method", ["guess", "early-exit"])
+def test_sampled_output_with_drafts_keeps_the_models_distribution(tiny_llama, method):
     """The second output token (the first one drafted) over many seeds against the exact marginal."""
     prompt = [5, 6, 7] * 5
     params = [SamplingParams(temperature=1.0, top_k=6, max_tokens=3, seed=s) for s in range(1500)]
-    llm = LLM(tiny_llama, speculative_max_running=4096)
-    llm.engine.proposer = GreedyGuess(tiny_llama)
+    if method == "guess":
+        llm = LLM(tiny_llama, speculative_max_running=4096)
+        llm.engine.proposer = GreedyGuess(tiny_llama)
+    else:
+        llm = LLM(
+            tiny_llama, speculative_method=method, speculative_exit_layer=1, speculative_max_running=4096
+        )
     outs = llm.generate([prompt] * len(params), params, use_tqdm=False)
     stats = llm.engine.stats
     assert stats.num_draft_tokens > 0 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
@@ -164,8 +173,90 @@ def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(tiny_llama):
     assert run([seeded]) == run([seeded, *others])
 
 
-def test_speculative_options_are_checked():
-    with pytest.raises(ConfigError, match="choose ngram"):
+def test_speculative_options_are_checked(tiny_llama):
+    with pytest.raises(ConfigError, match="choose one of ngram"):
         EngineConfig(speculative_method="eagle")
+    with pytest.raises(ConfigError, match="needs --speculative-model"):
+        EngineConfig(speculative_method="draft")
+    with pytest.raises(ConfigError, match="for --speculative-method early-exit"):
+        EngineConfig(speculative_exit_layer=2)
+    with pytest.raises(ConfigError, match="do not combine"):
+        EngineConfig(skip_decode="1,2", speculative_method="ngram")
+    with pytest.raises(ConfigError, match="between 1 and the model's 2 layers"):
+        LLM(tiny_llama, speculative_method="early-exit", speculative_exit_layer=3)
     with pytest.raises(ConfigError, match="prompt_lookup_min"):
         EngineConfig(prompt_lookup_min=3, prompt_lookup_max=2)
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2])
+@pytest.mark.parametrize("options", [{}, {"num_kv_blocks": 10, "max_num_batched_tokens": 40}])
+def test_early_exit_greedy_output_equals_plain_greedy(tiny_llama, exit_layer, options):
+    """Self-speculation verifies from the drafts' layer-E hidden states; the output must not change, and at
+    E = the model's depth the drafts are the model's own tokens, so every one is accepted."""
+    prompts = repetitive_prompts()
+    params = SamplingParams(temperature=0, max_tokens=16)
+    expected = [o.token_ids for o in LLM(tiny_llama, **options).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(
+        tiny_llama,
+        speculative_method="early-exit",
+        speculative_exit_layer=exit_layer,
+        speculative_max_running=64,
+        **options,
+    )
+    assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    stats = llm.engine.stats
+    assert stats.num_draft_tokens > 0
+    if exit_layer == 2:
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    if options:
+        assert stats.num_preemptions > 0
+
+
+def small_draft(vocab=128, seed=1):
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+    )
+    return CausalLM(config).eval()
+
+
+@pytest.mark.parametrize("draft", ["small", "target"])
+@pytest.mark.parametrize("options", [{}, {"num_kv_blocks": 10, "max_num_batched_tokens": 40}])
+def test_draft_model_greedy_output_equals_plain_greedy(tiny_llama, tmp_path, draft, options):
+    prompts = repetitive_prompts()
+    params = SamplingParams(temperature=0, max_tokens=16)
+    expected = [o.token_ids for o in LLM(tiny_llama, **options).generate(prompts, params, use_tqdm=False)]
+    save_model(small_draft() if draft == "small" else tiny_llama, tmp_path / "draft")
+    llm = LLM(
+        tiny_llama,
+        speculative_method="draft",
+        speculative_model=str(tmp_path / "draft"),
+        speculative_max_running=64,
+        **options,
+    )
+    assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    stats, proposer = llm.engine.stats, llm.engine.proposer
+    assert stats.num_draft_tokens > 0
+    if draft == "target":  # the draft is the target: it agrees with every greedy token
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
+    llm.engine.step()  # no request runs: the draft model's state and blocks go
+    assert not proposer.states and len(proposer.free) == proposer.cache.num_blocks
+
+
+def test_draft_model_must_share_the_vocabulary(tiny_llama, tmp_path):
+    save_model(small_draft(vocab=96), tmp_path / "draft")
+    with pytest.raises(ConfigError, match="vocabulary"):
+        LLM(tiny_llama, speculative_method="draft", speculative_model=str(tmp_path / "draft"))
+
+
+def test_usage_counts_accepted_drafts(tiny_llama):
+    llm = LLM(tiny_llama, speculative_method="early-exit", speculative_exit_layer=2)
+    out = llm.generate([[5, 6, 7] * 4], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    assert out.num_draft_tokens > 0 and out.num_accepted_tokens == out.num_draft_tokens

@@ -11,20 +11,21 @@ import pytest
 import torch
 
 from effllm.engine import LLM, SamplingParams
+from effllm.engine.spec_decode.proposer import Proposer
 from effllm.engine.spec_decode.verify import accept_greedy
 
 
-class CorruptingProposer:
+class CorruptingProposer(Proposer):
     def __init__(self, truth: dict[tuple[int, ...], list[int]], k: int, wrong: float, seed: int = 0):
         self.truth, self.k, self.wrong, self.rng = truth, k, wrong, random.Random(seed)
         self.num_drafts = 0
 
-    def propose(self, requests):
+    def propose(self, requests, limits):
         drafts = []
-        for request in requests:
+        for request, limit in zip(requests, limits, strict=True):
             full = self.truth[tuple(request.prompt_token_ids)]
             done = request.num_output_tokens
-            guess = list(full[done : done + self.k])
+            guess = list(full[done : done + min(self.k, limit)])
             guess = [(t + 1) % 128 if self.rng.random() < self.wrong else t for t in guess]
             self.num_drafts += len(guess)
             drafts.append(guess)

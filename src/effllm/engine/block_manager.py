@@ -22,10 +22,19 @@ BlockKey = tuple[int | None, tuple[int, ...]]
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        cache_outputs: bool = True,
+    ):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # False: only blocks wholly inside the prompt are cached (SkipDecode leaves the deep layers of
+        # generated tokens without keys, which a later request reading them as its prompt would need).
+        self.cache_outputs = cache_outputs
         self.ref_counts = [0] * num_blocks
         self.block_keys: list[BlockKey | None] = [None] * num_blocks
         self.cached: dict[BlockKey, int] = {}
@@ -73,6 +82,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        if not self.cache_outputs:
+            full = min(full, request.num_prompt_tokens // self.block_size)
         for i in range(request.num_registered_blocks, full):
             key = self._key(request, i)
             block = request.block_ids[i]

@@ -37,6 +37,7 @@ _UNITS = {
 CPU_MAX_NUM_BATCHED_TOKENS = 512
 CPU_MAX_NUM_SEQS = 64
 CPU_MAX_KV_CACHE_BYTES = 2 * 1024**3
+SPECULATIVE_METHODS = ("ngram", "draft", "early-exit")
 
 
 def parse_memory(value: int | float | str) -> int:
@@ -112,13 +113,29 @@ class EngineConfig:
     )
     speculative_method: str | None = option(
         None,
-        "speculative decoding: ngram (prompt lookup: drafts copied from the request's own earlier tokens); "
-        "greedy output is unchanged, sampled output keeps its distribution (rejection sampling)",
-        choices=("ngram",),
+        "speculative decoding: ngram (prompt lookup: drafts copied from the request's own earlier tokens), "
+        "draft (a smaller model with the same tokenizer, --speculative-model) or early-exit (LayerSkip's "
+        "self-speculation: the model's first --speculative-exit-layer layers and its head draft); greedy "
+        "output is unchanged, sampled output keeps its distribution (rejection sampling)",
+        choices=SPECULATIVE_METHODS,
+    )
+    speculative_model: str | None = option(
+        None, "draft: the draft model's checkpoint folder (same tokenizer and vocabulary)", metavar="PATH"
+    )
+    speculative_exit_layer: int | None = option(
+        None,
+        "early-exit: how many layers draft (default: half the model's); best on a model trained with "
+        "`effllm train --method early-exit`",
     )
     num_speculative_tokens: int = option(4, "drafts per request per step (speculative decoding)")
     prompt_lookup_max: int = option(4, "ngram: longest suffix looked up in the request's tokens")
     prompt_lookup_min: int = option(1, "ngram: shortest suffix looked up")
+    skip_decode: str | None = option(
+        None,
+        "SkipDecode: generated tokens exit after a layer falling linearly from MAX at the first generated "
+        "token to MIN at the SPAN-th (default 128), e.g. 3,6 (lossy; for a model trained with early exit)",
+        metavar="MIN,MAX[,SPAN]",
+    )
     speculative_max_running: int = option(
         8,
         "draft only while at most this many requests run: a larger batch already keeps the CPU busy and "
@@ -140,15 +157,28 @@ class EngineConfig:
             "prompt_lookup_max",
             "prompt_lookup_min",
             "speculative_max_running",
+            "speculative_exit_layer",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")
         kv_bits(self.kv_cache_dtype)  # ConfigError for an unknown name
-        if self.speculative_method not in (None, "ngram"):
+        if self.speculative_method not in (None, *SPECULATIVE_METHODS):
             raise ConfigError(
-                f"unknown speculative method {self.speculative_method!r}; choose ngram (draft models and early "
-                "exit are not implemented yet)"
+                f"unknown speculative method {self.speculative_method!r}; choose one of "
+                f"{', '.join(SPECULATIVE_METHODS)}"
+            )
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ConfigError(
+                "--speculative-method draft needs --speculative-model PATH, and --speculative-model needs "
+                "--speculative-method draft"
+            )
+        if self.speculative_exit_layer is not None and self.speculative_method != "early-exit":
+            raise ConfigError("--speculative-exit-layer is for --speculative-method early-exit")
+        if self.skip_decode and self.speculative_method:
+            raise ConfigError(
+                "--skip-decode and --speculative-method do not combine (SkipDecode is lossy, speculation "
+                "exact); choose one"
             )
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(

@@ -28,8 +28,8 @@ from effllm.engine.outputs import RequestOutput
 from effllm.engine.request import Request
 from effllm.engine.sampling_params import SamplingParams
 from effllm.engine.scheduler import Scheduler, SchedulerOutput
-from effllm.engine.spec_decode.ngram import NgramProposer
 from effllm.engine.spec_decode.proposer import Proposer, propose_drafts
+from effllm.engine.spec_decode.registry import make_proposer
 from effllm.models.checkpoint import load_model
 from effllm.models.hub import resolve_model_path
 from effllm.models.tokenizer import load_tokenizer
@@ -89,7 +89,10 @@ class LLMEngine:
         if cache_tokens < self.config.max_model_len:
             self.config.max_model_len = cache_tokens
         self.block_manager = BlockManager(
-            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+            self.runner.num_blocks,
+            self.config.block_size,
+            self.config.enable_prefix_caching,
+            cache_outputs=self.config.skip_decode is None,
         )
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.output_processor = OutputProcessor(tokenizer)
@@ -98,13 +101,7 @@ class LLMEngine:
         eos = list(model.config.eos_token_ids) + list(getattr(tokenizer, "eos_token_ids", None) or [])
         self.eos_token_ids = frozenset(eos)
         self.stats = EngineStats()
-        if proposer is None and self.config.speculative_method == "ngram":
-            proposer = NgramProposer(
-                self.config.num_speculative_tokens,
-                self.config.prompt_lookup_min,
-                self.config.prompt_lookup_max,
-            )
-        self.proposer = proposer  # speculative decoding (spec_decode/)
+        self.proposer = proposer or make_proposer(self.config, self.runner, self.block_manager)
 
     @classmethod
     def from_pretrained(
@@ -175,8 +172,11 @@ class LLMEngine:
         held are aborted, their blocks freed, and `StepError` names them; the engine stays usable.
         """
         running = self.scheduler.running
-        if self.proposer is not None and len(running) <= self.config.speculative_max_running:
-            propose_drafts(self.proposer, running, self.config.max_model_len)
+        if self.proposer is not None:
+            self.proposer.retain(running)
+            if len(running) <= self.config.speculative_max_running:
+                k = self.config.num_speculative_tokens
+                propose_drafts(self.proposer, running, self.config.max_model_len, k)
         out = self.scheduler.schedule()
         self.stats.num_preemptions += len(out.preempted)
         if not out:

@@ -20,6 +20,7 @@ from effllm.engine.kv_cache import PagedKVCache, num_kv_blocks, resolve_kv_bits
 from effllm.engine.request import Request
 from effllm.engine.sampler import Sampler
 from effllm.engine.scheduler import SchedulerOutput
+from effllm.engine.skip_decode import SkipSchedule
 from effllm.engine.spec_decode.verify import accept_greedy
 from effllm.engine.step_layout import StepLayout, build_step_layout
 from effllm.models.decode_linear import use_decode_linears
@@ -56,8 +57,19 @@ class ModelRunner:
             use_decode_linears(model)
             fuse_projections(model)
         self.sampler = Sampler(self.device, config.seed)
+        self.skip_schedule = (
+            SkipSchedule.parse(config.skip_decode, model.config.num_hidden_layers)
+            if config.skip_decode
+            else None
+        )
         self.graphs: DecodeGraphs | None = None
-        if isinstance(self.backend, TritonPagedAttention) and on_cuda and not config.enforce_eager:
+        graphs_fit = self.skip_schedule is None  # the captured graph runs every layer
+        if (
+            isinstance(self.backend, TritonPagedAttention)
+            and on_cuda
+            and not config.enforce_eager
+            and graphs_fit
+        ):
             self.graphs = self._capture_graphs()
 
     @torch.inference_mode()
@@ -92,7 +104,11 @@ class ModelRunner:
         """Run the step; returns, per request that samples, the tokens it accepts (with logprobs): one
         sampled token, or for a request verifying drafts the accepted drafts and the target's next token."""
         layout = self.layout(out)
-        hidden = self.forward(layout)
+        depths = self._depths(out)
+        if depths is None:
+            hidden = self.forward(layout)
+        else:
+            hidden = self.model.model.norm(self.forward_layers(layout, *depths))
         self._score_prompts(out, layout, hidden)
         if not layout.sample_rows:
             return {}
@@ -158,6 +174,67 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
+
+    def _depths(self, out: SchedulerOutput) -> tuple[list[int], list[int], dict[int, torch.Tensor]] | None:
+        """Per request, the first and one-past-last decoder layer this step runs, and the input hidden
+        states of requests that start above layer 0; None when every request runs the whole model.
+
+        Requests verifying an early-exit proposer's drafts start at its exit layer (the layers below were
+        computed while drafting); with SkipDecode, decodes of generated tokens stop at the schedule's exit.
+        """
+        num_layers = self.model.config.num_hidden_layers
+        starts, ends, hidden = [0] * len(out.requests), [num_layers] * len(out.requests), {}
+        for i, (request, n) in enumerate(zip(out.requests, out.num_tokens, strict=True)):
+            drafted = request.draft_hidden
+            if drafted is not None and request.samples_after(n) and n == len(request.draft_token_ids) + 1:
+                starts[i] = drafted.start_layer
+                hidden[i] = drafted.hidden[:n]
+            elif (
+                self.skip_schedule is not None
+                and n == 1
+                and request.num_computed_tokens >= request.num_prompt_tokens
+            ):
+                generated = request.num_computed_tokens - request.num_prompt_tokens
+                ends[i] = self.skip_schedule.exit_layer(generated)
+        if not hidden and all(e == num_layers for e in ends):
+            return None
+        return starts, ends, hidden
+
+    @torch.inference_mode()
+    def forward_layers(
+        self,
+        layout: StepLayout,
+        starts: list[int],
+        ends: list[int],
+        hidden: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] before the final norm when request r runs only layers
+        starts[r] .. ends[r] - 1, from `hidden[r]` (its rows' input of layer starts[r]) when starts[r] > 0.
+
+        Layers are run in spans over which the set of requests running them stays the same; a span that
+        not every request runs attends with a layout of only those requests, so skipped layers neither
+        read nor write the KV cache of the others."""
+        stack = self.model.model
+        x = stack.embed(layout.input_ids)
+        for r, h in (hidden or {}).items():
+            start = layout.query_start_loc[r]
+            x[start : start + h.shape[0]] = h.to(x.dtype)
+        bounds = sorted({0, self.model.config.num_hidden_layers, *starts, *ends})
+        everyone = list(range(layout.num_requests))
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            active = [r for r in everyone if starts[r] <= lo and hi <= ends[r]]
+            if not active:
+                continue
+            if len(active) == len(everyone):
+                self.backend.prepare(layout)
+                x = stack.run_layers(x[None], layout.positions[None], self.backend, lo, hi)[0]
+                continue
+            part = layout.select(active)
+            rows = torch.tensor(layout.rows_of(active), dtype=torch.long, device=self.device)
+            self.backend.prepare(part)
+            h = stack.run_layers(x[rows][None], part.positions[None], self.backend, lo, hi)[0]
+            x = x.index_copy(0, rows, h)
+        return x
 
     @torch.inference_mode()
     def forward(self, layout: StepLayout) -> torch.Tensor:

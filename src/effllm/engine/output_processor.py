@@ -92,6 +92,8 @@ class OutputProcessor:
                     logprobs=list(request.logprobs) if parent.params.logprobs is not None else None,
                     delta_text=sample.text[sample.sent_chars : end],
                     delta_token_ids=tokens[sample.sent_tokens :],
+                    num_draft_tokens=request.num_draft_tokens,
+                    num_accepted_tokens=request.num_accepted_tokens,
                 )
             )
             if not final_only:

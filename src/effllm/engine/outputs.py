@@ -19,6 +19,8 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None  # per output token: {token id: log-probability}
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified for this sample
+    num_accepted_tokens: int = 0  # of those, the ones the model agreed with (each saved a forward)
 
     @property
     def finished(self) -> bool:
@@ -66,3 +68,11 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[dict[int, float]] | None:
         return self.outputs[0].logprobs
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(o.num_draft_tokens for o in self.outputs)
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        return sum(o.num_accepted_tokens for o in self.outputs)

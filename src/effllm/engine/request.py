@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 
 import torch
 
 from effllm.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class DraftHidden:
+    """Hidden states [1 + drafts, hidden] of a request's last token and drafts after layer `start_layer - 1`
+    (the input of layer `start_layer`), whose keys and values below it are already in the KV cache."""
+
+    start_layer: int
+    hidden: torch.Tensor
 
 
 class RequestStatus(enum.Enum):
@@ -48,6 +58,11 @@ class Request:
         # Tokens proposed after the last one (speculative decoding): computed in the next step with it and
         # kept only as far as the model agrees; never part of token_ids until accepted.
         self.draft_token_ids: list[int] = []
+        # An early-exit proposer's hand-off: the drafted rows' hidden states after its exit layer, so that
+        # verification runs only the layers above it (`EarlyExitProposer`); None otherwise.
+        self.draft_hidden: DraftHidden | None = None
+        self.num_draft_tokens = 0  # drafts verified for this request (speculative decoding)
+        self.num_accepted_tokens = 0  # of those, the ones the target model agreed with
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, for prefix caching
         self.num_registered_blocks = 0  # blocks of block_ids already offered to the prefix cache
@@ -99,6 +114,10 @@ class Request:
         if self.seed is not None and self.generator is None:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
+
+    def clear_drafts(self) -> None:
+        self.draft_token_ids = []
+        self.draft_hidden = None
 
     def append_token(self, token_id: int, logprobs: dict[int, float] | None) -> None:
         self.token_ids.append(token_id)

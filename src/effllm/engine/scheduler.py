@@ -117,7 +117,7 @@ class Scheduler:
         """Free the request's blocks; it recomputes its tokens (prompt and outputs) when readmitted."""
         self.blocks.free(request)
         request.num_computed_tokens = 0
-        request.draft_token_ids = []
+        request.clear_drafts()
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.running.remove(request)
@@ -144,7 +144,7 @@ class Scheduler:
     def _accept(self, request: Request, accepted: list[tuple[int, dict[int, float] | None]]) -> bool:
         """Append accepted tokens up to the first that stops the request; True when one did."""
         num_drafts = len(request.draft_token_ids)
-        request.draft_token_ids = []
+        request.clear_drafts()
         if request.params.scores_prompt_only:  # the prompt is scored; the sampled token is not wanted
             request.num_computed_tokens -= 1
             request.finish("length")
@@ -156,6 +156,9 @@ class Scheduler:
             if request.check_stop(self.max_model_len):
                 stopped = True
                 break
+        if num_drafts:
+            request.num_draft_tokens += num_drafts
+            request.num_accepted_tokens += len(accepted) - 1
         # The step computed the last token and every draft; keys are valid only up to the last accepted draft.
         request.num_computed_tokens -= num_drafts + 1 - appended
         return stopped

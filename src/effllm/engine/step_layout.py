@@ -55,6 +55,31 @@ class StepLayout:
     def all_decodes(self) -> bool:
         return self.num_tokens == self.num_requests
 
+    def rows_of(self, requests: list[int]) -> list[int]:
+        """The flattened rows of the given requests (indices into this layout), in that order."""
+        starts = self.query_start_loc
+        return [row for r in requests for row in range(starts[r], starts[r + 1])]
+
+    def select(self, requests: list[int]) -> StepLayout:
+        """The layout of a subset of this step's requests (in the order given), with nothing sampled: what
+        a pass over only some requests' tokens reads (layers that other requests skip)."""
+        rows = torch.tensor(self.rows_of(requests), dtype=torch.long, device=self.input_ids.device)
+        lens = self.query_lens()
+        starts = [0]
+        for r in requests:
+            starts.append(starts[-1] + lens[r])
+        return StepLayout(
+            input_ids=self.input_ids[rows],
+            positions=self.positions[rows],
+            slot_mapping=self.slot_mapping[rows],
+            query_start_loc=starts,
+            num_computed=[self.num_computed[r] for r in requests],
+            seq_lens=[self.seq_lens[r] for r in requests],
+            block_tables=[self.block_tables[r] for r in requests],
+            sample_rows=[],
+            block_size=self.block_size,
+        )
+
 
 def build_step_layout(
     token_ids: list[list[int]],

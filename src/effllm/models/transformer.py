@@ -6,6 +6,8 @@ load without renaming and what we save loads in transformers.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,20 +49,63 @@ class DecoderStack(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.dropout = 0.0  # on the embeddings, in training only (CausalLM.set_dropout)
+        # Per layer, the probability that a training sequence skips it (LayerSkip's layer dropout); None: off.
+        self.layer_dropout: list[float] | None = None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend | None = None
     ) -> torch.Tensor:
+        return self.norm(self.run_layers(self.embed(input_ids), positions, attn))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [..., hidden] (with embedding dropout in training)."""
         x = self.embed_tokens(input_ids)
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
+        return x
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend | None = None,
+        start: int = 0,
+        end: int | None = None,
+        collect: Collection[int] = (),
+        outputs: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Decoder layers `start .. end - 1` over hidden states x [B, T, hidden] (before the final norm).
+
+        The output of each layer index in `collect` is appended to `outputs` (the early-exit loss reads
+        them). In training, `layer_dropout[l]` skips layer l for a random share of the batch's sequences
+        (LayerSkip; set by `effllm.train.early_exit`).
+        """
         cos, sin = self.rotary_emb(positions, x.dtype)
-        for layer in self.layers:
+        end = len(self.layers) if end is None else end
+        for i in range(start, end):
+            layer = self.layers[i]
+            p = self.layer_dropout[i] if self.layer_dropout and self.training else 0.0
+            keep = None
+            if p > 0:
+                keep = (torch.rand(x.shape[0], device=x.device) >= p).nonzero()[:, 0]
+                if len(keep) == 0:  # every sequence skips the layer
+                    if i in collect:
+                        outputs.append(x)
+                    continue
+            xs, cs, ss = (x, cos, sin) if keep is None else (x[keep], _rows(cos, keep), _rows(sin, keep))
             if self.gradient_checkpointing and self.training and attn is None:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                ys = checkpoint(layer, xs, cs, ss, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn)
-        return self.norm(x)
+                ys = layer(xs, cs, ss, attn)
+            x = ys if keep is None else x.index_copy(0, keep, ys)
+            if i in collect:
+                outputs.append(x)
+        return x
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of a per-sequence rotary table [B, T, D], or the table itself when shared ([1, T, D])."""
+    return t if t.shape[0] == 1 else t[index]
 
 
 class CausalLM(nn.Module):
@@ -138,6 +183,26 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attn: AttentionBackend | None = None,
-    ) -> torch.Tensor:
-        """input_ids: [B, T] token ids -> logits [B, T, vocab]."""
-        return self.logits(self.hidden_states(input_ids, positions, attn))
+        exit_layers: Sequence[int] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """input_ids: [B, T] token ids -> logits [B, T, vocab].
+
+        With `exit_layers` (indices into the decoder layers), a list instead: per listed layer, the logits
+        of its output through the shared final norm and LM head (an early exit; the last layer's index
+        gives the ordinary logits). The early-exit loss trains on them through this call, so DDP sees it.
+        """
+        if exit_layers is None:
+            return self.logits(self.hidden_states(input_ids, positions, attn))
+        if positions is None:
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        wanted = sorted(set(exit_layers))
+        if not wanted or wanted[0] < 0 or wanted[-1] >= self.config.num_hidden_layers:
+            raise ValueError(
+                f"exit_layers must index the {self.config.num_hidden_layers} layers, got {exit_layers}"
+            )
+        outputs: list[torch.Tensor] = []
+        self.model.run_layers(
+            self.model.embed(input_ids), positions, attn, 0, wanted[-1] + 1, wanted, outputs
+        )
+        by_layer = dict(zip(wanted, outputs, strict=True))
+        return [self.logits(self.model.norm(by_layer[i])) for i in exit_layers]

@@ -312,6 +312,7 @@ class _UsageCount:
     counts: dict[str, tuple[int, int]] = field(
         default_factory=dict
     )  # engine request id -> (prompt, completion)
+    drafts: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> (drafted, accepted)
 
     @property
     def prompt_tokens(self) -> int:
@@ -322,10 +323,13 @@ class _UsageCount:
         return sum(c for _, c in self.counts.values())
 
     def usage(self) -> Usage:
-        return Usage.of(self.prompt_tokens, self.completion_tokens)
+        drafted = sum(d for d, _ in self.drafts.values())
+        accepted = sum(a for _, a in self.drafts.values())
+        return Usage.of(self.prompt_tokens, self.completion_tokens, drafted, accepted)
 
     def observe(self, out: RequestOutput) -> None:
         self.counts[out.request_id] = (len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))
+        self.drafts[out.request_id] = (out.num_draft_tokens, out.num_accepted_tokens)
 
 
 def record_usage(request: Request, usage: _UsageCount) -> None:

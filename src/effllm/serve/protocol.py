@@ -174,17 +174,32 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CompletionTokensDetails(_Response):
+    """Speculative decoding's drafts, in the fields OpenAI uses for predicted outputs: drafts the model
+    agreed with (each saved a forward pass) and drafts it rejected."""
+
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None  # only when drafts were verified
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, drafts: int = 0, accepted: int = 0) -> Usage:
+        details = None
+        if drafts:
+            details = CompletionTokensDetails(
+                accepted_prediction_tokens=accepted, rejected_prediction_tokens=drafts - accepted
+            )
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            completion_tokens_details=details,
         )
 
 

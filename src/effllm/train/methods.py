@@ -12,7 +12,8 @@ A method registers a factory, `register_method(name, factory)`, and is then chos
 `effllm train --method NAME --method-options k=v ...`. The factory is called once the trainer is set up
 as `factory(trainer, **options)` (model, optimizer, data and config are its attributes) and returns a
 callback or a list of them. A method that changes the objective instead passes `loss_fn` to `Trainer`.
-Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.lisa` / `.owlore` take).
+Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.lisa` / `.owlore` take)
+and `early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def _layer_sampling(kind: str) -> MethodFactory:
 
 register_method("lisa", _layer_sampling("lisa"), freezes_parameters=True)
 register_method("owlore", _layer_sampling("owlore"), freezes_parameters=True)
+
+
+def _early_exit(trainer: Any, **options: Any) -> Any:
+    from effllm.train.early_exit import EarlyExitTraining
+
+    return EarlyExitTraining(trainer, **options)
+
+
+register_method("early-exit", _early_exit)
 
 
 def call_hook(callbacks: list[Any], hook: str, *args: Any) -> None:

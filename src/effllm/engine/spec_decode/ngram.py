@@ -7,16 +7,20 @@ its context (continuing, editing or quoting a passage, code). Like vLLM's `[ngra
 from __future__ import annotations
 
 from effllm.engine.request import Request
+from effllm.engine.spec_decode.proposer import Proposer
 
 
-class NgramProposer:
+class NgramProposer(Proposer):
     def __init__(self, k: int = 4, min_n: int = 1, max_n: int = 4):
         if k < 1 or not 1 <= min_n <= max_n:
             raise ValueError(f"need k >= 1 and 1 <= min_n <= max_n, got k={k}, min_n={min_n}, max_n={max_n}")
         self.k, self.min_n, self.max_n = k, min_n, max_n
 
-    def propose(self, requests: list[Request]) -> list[list[int]]:
-        return [lookup(r.token_ids, self.k, self.min_n, self.max_n) for r in requests]
+    def propose(self, requests: list[Request], limits: list[int]) -> list[list[int]]:
+        return [
+            lookup(r.token_ids, min(self.k, n), self.min_n, self.max_n)
+            for r, n in zip(requests, limits, strict=True)
+        ]
 
 
 def lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:

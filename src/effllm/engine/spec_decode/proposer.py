@@ -7,15 +7,19 @@ schedules it with the request's last token; verification keeps what the target m
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from effllm.engine.request import Request
 
 
-class Proposer(Protocol):
-    def propose(self, requests: list[Request]) -> list[list[int]]:
-        """Draft tokens for each request (an empty list for none), in the order given."""
-        ...
+class Proposer:
+    """Base of the proposers: `propose` is required, `retain` optional (for proposers that keep state)."""
+
+    def propose(self, requests: list[Request], limits: list[int]) -> list[list[int]]:
+        """Draft tokens for each request (an empty list for none), in the order given; at most `limits[i]`
+        for request i (what it can still hold, never more than the configured k)."""
+        raise NotImplementedError
+
+    def retain(self, requests: list[Request]) -> None:
+        """Called each step with the running requests: state kept for any other request can go."""
 
 
 def can_take_drafts(request: Request) -> bool:
@@ -39,10 +43,13 @@ def max_drafts(request: Request, max_model_len: int) -> int:
     return max(room, 0)
 
 
-def propose_drafts(proposer: Proposer, requests: list[Request], max_model_len: int) -> None:
-    """Set `draft_token_ids` of the requests that can take drafts, trimmed to what each can hold."""
+def propose_drafts(proposer: Proposer, requests: list[Request], max_model_len: int, k: int) -> None:
+    """Set `draft_token_ids` of the requests that can take drafts, at most k each and what each can hold."""
     eligible = [r for r in requests if can_take_drafts(r)]
+    limits = [min(k, max_drafts(r, max_model_len)) for r in eligible]
+    eligible = [r for r, n in zip(eligible, limits, strict=True) if n > 0]
     if not eligible:
         return
-    for request, drafts in zip(eligible, proposer.propose(eligible), strict=True):
-        request.draft_token_ids = [int(t) for t in drafts[: max_drafts(request, max_model_len)]]
+    limits = [n for n in limits if n > 0]
+    for request, drafts, limit in zip(eligible, proposer.propose(eligible, limits), limits, strict=True):
+        request.draft_token_ids = [int(t) for t in drafts[:limit]]

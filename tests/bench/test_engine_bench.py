@@ -3,7 +3,8 @@
 import argparse
 import json
 
-from effllm.bench import kv_cache, latency, spec_decode, throughput
+from effllm.bench import kv_cache, latency, skip_decode, spec_decode, throughput
+from effllm.models.default import default_model_path
 
 
 def test_throughput_bench_reports_effllm_and_transformers_on_the_same_prompts():
@@ -53,6 +54,37 @@ def test_spec_decode_bench_reports_speedup_and_accepted_length():
     assert r["plain"]["decode_tokens_per_s"] > 0 and r["ngram_k2"]["speedup"] > 0
     assert r["ngram_k2"]["mean_accepted_length"] >= 1
     assert set(r["throughput_2_requests"]) == {"plain", "ngram_k2", "ngram_k2_forced"}
+
+
+def test_spec_decode_bench_runs_the_draft_and_early_exit_proposers():
+    """The default model drafts for itself (a draft as deep as the target: every draft accepted)."""
+    result = spec_decode.run_spec_decode(
+        workloads=("free",),
+        ks=(2,),
+        prompts=1,
+        new_tokens=8,
+        concurrent=0,
+        reps=1,
+        methods=("draft", "early-exit"),
+        exit_layers=(2, 6),
+        speculative_model=str(default_model_path()),
+        dtype="float32",
+    )
+    r = result["workloads"]["free"]
+    # k + 1 = 3 when every draft is accepted (a near-tie may rarely flip between batch shapes)
+    assert r["draft_k2"]["mean_accepted_length"] > 2.5 and r["early-exit_E6_k2"]["mean_accepted_length"] > 2.5
+    assert r["early-exit_E2_k2"]["speedup"] > 0
+
+
+def test_skip_decode_bench_reports_speed_and_perplexity():
+    result = skip_decode.run_skip_decode(
+        schedules=("2,6,4", "6,6"), prompts=1, new_tokens=8, concurrent=2, reps=1, ppl_windows=2
+    )
+    v = result["variants"]
+    assert v["skip_6,6"]["perplexity"] == v["full"]["perplexity"]  # full depth: the same scores
+    assert v["skip_2,6,4"]["perplexity"] != v["full"]["perplexity"]
+    assert v["skip_2,6,4"]["mean_layer_share"] < 1 and v["skip_2,6,4"]["decode_tokens_per_s"] > 0
+    assert set(v["throughput_2_requests"]) == {"full", "skip_2,6,4", "skip_6,6"}
 
 
 def test_latency_bench_reports_ttft_and_tpot_with_chunked_prefill_on_and_off():

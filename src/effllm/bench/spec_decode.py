@@ -5,9 +5,10 @@ Workloads (prompts from the held-out *Persuasion*, tokenized by the model's toke
   passage (what continuing or editing a given text looks like);
 - `free`: the first 32 tokens of a passage; the model writes on (its own text, repetitive or not).
 For each workload, batch-1 greedy decode tokens/s over `--prompts` prompts (median of the prompts' rates)
-for plain decoding and for n-gram drafting at each `--k`, with the mean accepted length (tokens per
-verifying step); and offline throughput of `--concurrent` requests at once, plain, n-gram with the engine's
-default `speculative_max_running` cut-off, and n-gram forced on every step. Every variant runs each
+for plain decoding and for each proposer of `--methods` (ngram, draft with `--speculative-model`,
+early-exit at each of `--exit-layers`) at each `--k`, with the mean accepted length (tokens per verifying
+step); and offline throughput of `--concurrent` requests at once, plain, each proposer (at the middle k and
+the first E) with the engine's default `speculative_max_running` cut-off, and forced on every step. Every variant runs each
 prompt in turn, `--reps` times (interleaved, so that the machine's drift falls on all of them alike).
 """
 
@@ -21,7 +22,9 @@ import time
 import torch
 
 from effllm.bench.shapes import add_engine_args, engine_args
+from effllm.core.errors import ConfigError
 from effllm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from effllm.engine.llm_engine import EngineStats, make_engine
 from effllm.eval.corpus import heldout_text
 from effllm.models import load_model, load_tokenizer
 from effllm.models.default import model_or_default
@@ -40,6 +43,11 @@ def batch1(engines: dict[str, LLMEngine], prompts: list[list[int]], new_tokens: 
     """Batch-1 greedy decode tokens/s per engine: every prompt run by every engine in turn, `reps` times
     (interleaved, so the machine's drift falls on all variants alike); medians and mean accepted length."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for name, engine in engines.items():  # warm-up (kernel loading, first-call allocations), not counted
+        engine.add_request("warm-up", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=8))
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.stats = EngineStats()
     rates: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(reps):
         for i, prompt in enumerate(prompts):
@@ -73,6 +81,24 @@ def throughput(model, prompts: list[list[int]], new_tokens: int, **options) -> d
     }
 
 
+def spec_variants(
+    methods: tuple[str, ...], ks: tuple[int, ...], exit_layers: tuple[int, ...], speculative_model: str | None
+) -> dict[str, dict]:
+    """Variant name -> speculative engine options: every method at every k (early exit also at every E)."""
+    out: dict[str, dict] = {}
+    for method in methods:
+        for k in ks:
+            options = {"speculative_method": method, "num_speculative_tokens": k}
+            if method == "draft":
+                out[f"draft_k{k}"] = {**options, "speculative_model": speculative_model}
+            elif method == "early-exit":
+                for e in exit_layers:
+                    out[f"early-exit_E{e}_k{k}"] = {**options, "speculative_exit_layer": e}
+            else:
+                out[f"{method}_k{k}"] = options
+    return out
+
+
 def run_spec_decode(
     model_path: str | None = None,
     workloads: tuple[str, ...] = ("copy", "free"),
@@ -82,14 +108,22 @@ def run_spec_decode(
     new_tokens: int = 128,
     concurrent: int = 16,
     reps: int = 2,
+    methods: tuple[str, ...] = ("ngram",),
+    exit_layers: tuple[int, ...] = (),
+    speculative_model: str | None = None,
     **engine_options,
 ) -> dict:
+    if "draft" in methods and not speculative_model:
+        raise ConfigError("--methods draft needs --speculative-model PATH (the draft model's folder)")
     path = model_or_default(model_path)
     model = load_model(path, dtype=engine_options.pop("dtype", None) or "auto", device="cpu")
     tokenizer = load_tokenizer(path)
     base = {"enable_prefix_caching": False, **engine_options}
+    layers = exit_layers or (max(1, model.config.num_hidden_layers // 2),)
+    variants = spec_variants(methods, ks, layers, speculative_model)
     result = {
         "model": str(path),
+        "speculative_model": speculative_model,
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
         "workloads": {},
@@ -98,25 +132,26 @@ def run_spec_decode(
         batch = workload_prompts(tokenizer, name, prompts, passage_tokens)
         r: dict = {"prompt_tokens": [len(p) for p in batch]}
         engines = {"plain": LLMEngine(model, config=EngineConfig(**base))}
-        for k in ks:
-            config = EngineConfig(**base, speculative_method="ngram", num_speculative_tokens=k)
-            engines[f"ngram_k{k}"] = LLMEngine(model, config=config)
+        for v, options in variants.items():
+            engines[v] = make_engine(model, **base, **options)
         r.update(batch1(engines, batch, new_tokens, reps))
-        for k in ks:
-            out = r[f"ngram_k{k}"]
-            out["speedup"] = round(out["decode_tokens_per_s"] / r["plain"]["decode_tokens_per_s"], 3)
+        for v in variants:
+            r[v]["speedup"] = round(r[v]["decode_tokens_per_s"] / r["plain"]["decode_tokens_per_s"], 3)
         if concurrent:
             many = (batch * -(-concurrent // len(batch)))[:concurrent]
             k = ks[len(ks) // 2]
-            spec = {**base, "speculative_method": "ngram", "num_speculative_tokens": k}
-            variants = {
-                "plain": base,
-                f"ngram_k{k}": spec,
-                f"ngram_k{k}_forced": {**spec, "speculative_max_running": concurrent},
-            }
-            runs: dict[str, list[dict]] = {v: [] for v in variants}
+            many_variants = {"plain": base}
+            for v, options in variants.items():
+                if (
+                    options["num_speculative_tokens"] != k
+                    or options.get("speculative_exit_layer", layers[0]) != layers[0]
+                ):
+                    continue
+                many_variants[v] = {**base, **options}
+                many_variants[f"{v}_forced"] = {**base, **options, "speculative_max_running": concurrent}
+            runs: dict[str, list[dict]] = {v: [] for v in many_variants}
             for _ in range(reps):  # interleaved, as at batch 1
-                for v, options in variants.items():
+                for v, options in many_variants.items():
                     runs[v].append(throughput(model, many, new_tokens, **options))
             t = {
                 v: {
@@ -139,6 +174,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", default="copy,free", help="comma-separated: copy, free")
     parser.add_argument("--k", default="2,4,6", help="comma-separated numbers of drafts per step")
     parser.add_argument(
+        "--methods", default="ngram", help="comma-separated proposers: ngram, draft, early-exit"
+    )
+    parser.add_argument(
+        "--exit-layers",
+        default="",
+        help="early-exit: comma-separated draft depths E (default: half the model's layers)",
+    )
+    parser.add_argument(
         "--prompts", type=int, default=4, help="prompts per workload (batch 1, one after another)"
     )
     parser.add_argument("--passage-tokens", type=int, default=160)
@@ -155,7 +198,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     options = engine_args(args)
-    for name in ("speculative_method", "num_speculative_tokens"):
+    for name in ("speculative_method", "num_speculative_tokens", "speculative_exit_layer"):
         options.pop(name, None)  # the benchmark sets them per variant
     result = run_spec_decode(
         args.model,
@@ -166,6 +209,9 @@ def main(args: argparse.Namespace) -> int:
         args.new_tokens,
         args.concurrent,
         args.reps,
+        tuple(m for m in args.methods.split(",") if m),
+        tuple(int(e) for e in args.exit_layers.split(",") if e),
+        options.pop("speculative_model", None),
         **options,
     )
     if args.json:
@@ -177,14 +223,14 @@ def main(args: argparse.Namespace) -> int:
     for name, r in result["workloads"].items():
         print(f"  {name}: plain {r['plain']['decode_tokens_per_s']:.1f} tok/s")
         for key, v in r.items():
-            if key.startswith("ngram"):
+            if key.startswith(("ngram", "draft", "early-exit")):
                 print(
-                    f"    {key:10s} {v['decode_tokens_per_s']:8.1f} tok/s  x{v['speedup']:.2f}  "
+                    f"    {key:18s} {v['decode_tokens_per_s']:8.1f} tok/s  x{v['speedup']:.2f}  "
                     f"accepted length {v['mean_accepted_length']}"
                 )
             elif key.startswith("throughput"):
                 for variant, t in v.items():
                     print(
-                        f"    {key} {variant:18s} {t['output_tokens_per_s']:8.1f} tok/s  x{t['vs_plain']:.2f}"
+                        f"    {key} {variant:26s} {t['output_tokens_per_s']:8.1f} tok/s  x{t['vs_plain']:.2f}"
                     )
     return 0

@@ -16,7 +16,11 @@ BENCHES = {
     ),
     "spec-decode": (
         "effllm.bench.spec_decode",
-        "speculative decoding (n-gram) against plain decoding, batch 1 and 16",
+        "speculative decoding (n-gram, draft model, early exit) against plain decoding, batch 1 and 16",
+    ),
+    "skip-decode": (
+        "effllm.bench.skip_decode",
+        "SkipDecode's exit schedules: decode speed and perplexity cost against full depth",
     ),
     "latency": ("effllm.bench.latency", "time to first token and per output token, chunked prefill on/off"),
     "load-memory": ("effllm.bench.load_memory", "peak RAM while loading a checkpoint, over its size"),

@@ -119,5 +119,8 @@ def test_method_trains_and_rejects_bad_options(make_config):
     )
     row = trainer.train()
     assert math.isfinite(row["loss"]) and row["exit_layers"] == 2
+    assert len(row["eval_exit_loss"]) == 2 and row["eval_exit_loss"][-1] == pytest.approx(
+        row["eval_loss"], rel=1e-3
+    )
     with pytest.raises(ConfigError, match="loss_scale"):
         Trainer(make_config(name="bad", method="early-exit", method_options={"loss_scale": "cubic"})).setup()

@@ -43,7 +43,7 @@ def batch1(engines: dict[str, LLMEngine], prompts: list[list[int]], new_tokens: 
     """Batch-1 greedy decode tokens/s per engine: every prompt run by every engine in turn, `reps` times
     (interleaved, so the machine's drift falls on all variants alike); medians and mean accepted length."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    for name, engine in engines.items():  # warm-up (kernel loading, first-call allocations), not counted
+    for engine in engines.values():  # warm-up (kernel loading, first-call allocations), not counted
         engine.add_request("warm-up", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=8))
         while engine.has_unfinished_requests():
             engine.step()

@@ -32,7 +32,7 @@ class SkipSchedule:
         if not 1 <= self.min_exit <= self.max_exit <= self.num_layers:
             raise ConfigError(
                 f"SkipDecode needs 1 <= min exit <= max exit <= {self.num_layers} layers, got "
-                f"{self.min_exit} and {self.max_exit}; see --skip-decode-min-exit / --skip-decode-max-exit"
+                f"{self.min_exit} and {self.max_exit}; give --skip-decode MIN,MAX within the model's depth"
             )
         if self.span < 1:
             raise ConfigError(f"--skip-decode-span must be at least 1, got {self.span}")

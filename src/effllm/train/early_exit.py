@@ -124,6 +124,32 @@ class EarlyExitTraining:
 
     def on_step_end(self, step: int, metrics: dict[str, Any]) -> None:
         metrics["exit_layers"] = len(self.layers)
+        if "eval_loss" in metrics:  # the trainer evaluated: add each exit's held-out loss
+            metrics["eval_exit_loss"] = [round(x, 4) for x in self.evaluate_exits()]
+
+    @torch.no_grad()
+    def evaluate_exits(self) -> list[float]:
+        """Held-out mean loss per target token of every layer's early exit (the last is `eval_loss`)."""
+        trainer, cfg = self.trainer, self.trainer.config
+        env, model = trainer.env, trainer.model
+        totals = torch.zeros(self.num_layers + 1, device=env.device, dtype=torch.float64)
+        model.eval()
+        layers = list(range(self.num_layers))
+        for batch in trainer.data.held_out_batches(
+            cfg.batch_size, env.rank, env.world_size, cfg.eval_batches
+        ):
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            labels = batch["labels"].flatten()
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                exits = model(batch["input_ids"], exit_layers=layers)
+            for i, logits in enumerate(exits):
+                totals[i] += F.cross_entropy(
+                    logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+                ).double()
+            totals[-1] += int((labels != IGNORE_INDEX).sum())
+        model.train()
+        env.all_reduce_sum(totals)
+        return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = exit_weights(self.layers, self.num_layers, self.loss_scale, self.exit_scale)

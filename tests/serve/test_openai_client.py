@@ -172,3 +172,19 @@ def test_oversized_body_over_a_socket_gets_413(base_url):
     )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert httpx.get(f"{base_url}/health").status_code == 200
+
+
+def test_usage_reports_accepted_and_rejected_drafts(model_dir, reference):
+    """Self-speculation at the model's full depth: every draft is accepted, the text is plain greedy's."""
+    from tests.serve.conftest import new_engine
+
+    engine = new_engine(model_dir, speculative_method="early-exit", speculative_exit_layer=2)
+    app = build_app(engine, served_model_names=MODEL_NAME, api_key=API_KEY)
+    with running_server(app) as url:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+            r = c.completions.create(
+                model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0
+            )
+    assert r.choices[0].text == reference["completion"]
+    details = r.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens == 0

@@ -26,9 +26,11 @@ QOQ_SCHEMES = ("w4a8", "w4a8kv4")  # QoQ's: their own steps' flags, EffLLM's own
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "compress", help="quantize a model (compressed-tensors checkpoints)", description="Model compression."
+        "compress",
+        help="quantize or prune a model (compressed-tensors checkpoints)",
+        description="Model compression.",
     )
-    sub = p.add_subparsers(dest="compress_command", metavar="{quantize,import-gguf}", required=True)
+    sub = p.add_subparsers(dest="compress_command", metavar="{quantize,prune,import-gguf}", required=True)
     g = sub.add_parser(
         "import-gguf",
         help="convert a llama GGUF file (llama.cpp) into a checkpoint folder EffLLM runs",
@@ -146,6 +148,98 @@ def register(subparsers) -> None:
     )
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=run_quantize)
+    _register_prune(sub)
+
+
+def _register_prune(sub) -> None:
+    from effllm.compress.prune import PRUNE_METHODS
+
+    pr = sub.add_parser(
+        "prune",
+        help="one-shot pruning of the linear layers: magnitude, Wanda, SparseGPT; unstructured or N:M",
+        description="Zero a share of every decoder linear's weights (effllm.compress.prune) and write the "
+        "model (dense, with exact zeros). Reports the held-out perplexity (Persuasion) before and after.",
+    )
+    pr.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
+    pr.add_argument("--out", required=True, help="folder to write the pruned checkpoint to (must not exist)")
+    pr.add_argument("--method", required=True, choices=PRUNE_METHODS)
+    pr.add_argument(
+        "--sparsity", type=float, default=0.5, help="share of each matrix zeroed, unstructured (default 0.5)"
+    )
+    pr.add_argument(
+        "--pattern",
+        default="unstructured",
+        help="unstructured (default) or N:M, N zeros in every M inputs (2:4, 4:8)",
+    )
+    pr.add_argument(
+        "--calibration-data", default=None, help="text or jsonl file (default: the shipped training books)"
+    )
+    pr.add_argument("--num-samples", type=int, default=64, help="calibration samples (default 64)")
+    pr.add_argument("--calibration-seq-len", type=int, default=256, help="tokens per sample (default 256)")
+    pr.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening (default 0.01)")
+    pr.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
+    )
+    pr.add_argument("--no-report", dest="report", action="store_false", help="skip the perplexities")
+    pr.add_argument("--json", action="store_true", help="print the report as JSON")
+    pr.set_defaults(func=run_prune)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from effllm.compress import calibration_ids
+    from effllm.compress.prune import Pattern, prune_
+    from effllm.models import load_model, load_tokenizer, save_model
+    from effllm.models.default import default_model_path
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out} already exists; pass a new --out folder")
+    pattern = Pattern.parse(args.pattern)
+    path = args.model or str(default_model_path())
+    model = load_model(path, dtype=args.dtype, device="cpu")
+    tokenizer = load_tokenizer(path)
+    before = _heldout_perplexity(model, tokenizer) if args.report else None
+    ids = None
+    if args.method != "magnitude":
+        ids = calibration_ids(tokenizer, args.num_samples, args.calibration_seq_len, args.calibration_data)
+    start = time.perf_counter()
+    zeros = prune_(model, args.method, args.sparsity, pattern, calibration=ids, damp=args.damp)
+    seconds = time.perf_counter() - start
+    save_model(model, out, tokenizer=tokenizer)
+    report = {
+        "model": path,
+        "out": str(out),
+        "method": args.method,
+        "pattern": args.pattern,
+        "sparsity": args.sparsity if not pattern.structured else pattern.n / pattern.m,
+        "prune_seconds": round(seconds, 2),
+        "linear_zero_share": round(sum(zeros.values()) / len(zeros), 4),
+    }
+    if args.report:
+        after = _heldout_perplexity(model, tokenizer)
+        report.update(perplexity_before=before, perplexity_after=after)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"wrote {out}: {args.method} {args.pattern}, {report['linear_zero_share']:.1%} of the decoder linears' "
+        f"weights zero, in {report['prune_seconds']} s"
+    )
+    if args.report:
+        change = 100 * (report["perplexity_after"] / report["perplexity_before"] - 1)
+        print(
+            f"  perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f} ({change:+.1f}%, "
+            "held-out Persuasion, first 20,000 words, per token)"
+        )
+    return 0
+
+
+def _heldout_perplexity(model, tokenizer) -> float:
+    from effllm.eval.corpus import heldout_text
+    from effllm.eval.perplexity import perplexity
+
+    text = " ".join(heldout_text().split(" ")[:20000])
+    return round(perplexity(model, tokenizer, text, batch_size=8).token_perplexity, 3)
 
 
 def run_import_gguf(args: argparse.Namespace) -> int:
@@ -259,14 +353,11 @@ def _measure(model, tokenizer) -> dict:
     from effllm.engine.config import EngineConfig
     from effllm.engine.kv_cache import resolve_kv_bits
     from effllm.engine.llm_engine import LLMEngine
-    from effllm.eval.corpus import heldout_text
-    from effllm.eval.perplexity import perplexity
     from effllm.models.kv_round_trip import with_kv_round_trip
 
-    text = " ".join(heldout_text().split(" ")[:20000])
     kv_bits = resolve_kv_bits("auto", model.config)  # a w4a8kv4 model is scored with its int4 cache
     scored = model if kv_bits is None else with_kv_round_trip(model, kv_bits)
-    ppl = perplexity(scored, tokenizer, text, batch_size=8)
+    ppl = _heldout_perplexity(scored, tokenizer)
     prompt = torch.randint(
         0, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(1)
     ).tolist()
@@ -276,7 +367,7 @@ def _measure(model, tokenizer) -> dict:
     bandwidth = measure_hardware(copy_mib=256, matmul_n=256, repeats=3).bandwidth
     tok_s = speed["decode_tokens_per_s"]
     return {
-        "perplexity": round(ppl.token_perplexity, 3),
+        "perplexity": ppl,
         "decode_tokens_per_s": round(tok_s, 2),
         "decode_fraction_of_roofline": round(tok_s * streamed_bytes(model) / bandwidth, 3),
     }

@@ -149,7 +149,7 @@ def reference_wanda(model, ids, sparsity, prune_n=0, prune_m=0):
             rows = {n: torch.zeros(layer.get_submodule(n).in_features) for n in names}
             counts = dict.fromkeys(names, 0)
 
-            def hook(name):
+            def hook(name, rows=rows, counts=counts):
                 def fn(module, args, out):
                     inp = args[0].reshape(-1, args[0].shape[-1]).t().float()
                     batch = args[0].shape[0]

@@ -8,7 +8,7 @@ import pytest
 
 from effllm.engine.sampling_params import SamplingParams
 from effllm.serve.app import build_app
-from tests.serve.conftest import MODEL_NAME, generate_offline, running_server
+from tests.serve.conftest import MODEL_NAME, generate_offline, new_engine, running_server
 
 API_KEY = "test-key"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
@@ -176,15 +176,13 @@ def test_oversized_body_over_a_socket_gets_413(base_url):
 
 def test_usage_reports_accepted_and_rejected_drafts(model_dir, reference):
     """Self-speculation at the model's full depth: every draft is accepted, the text is plain greedy's."""
-    from tests.serve.conftest import new_engine
-
     engine = new_engine(model_dir, speculative_method="early-exit", speculative_exit_layer=2)
     app = build_app(engine, served_model_names=MODEL_NAME, api_key=API_KEY)
-    with running_server(app) as url:
-        with openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
-            r = c.completions.create(
-                model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0
-            )
+    with (
+        running_server(app) as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c,
+    ):
+        r = c.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=24, temperature=0)
     assert r.choices[0].text == reference["completion"]
     details = r.usage.completion_tokens_details
     assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens == 0

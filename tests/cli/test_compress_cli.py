@@ -154,3 +154,37 @@ def test_qoq_flags_are_refused_for_other_schemes(tiny, tmp_path, capsys):
         ],
     )
     assert "w4a8" in err
+
+
+def test_prune_wanda_2_4_with_the_report(tiny, tmp_path, capsys):
+    out = tmp_path / "p"
+    argv = [
+        "compress",
+        "prune",
+        "--model",
+        str(tiny),
+        "--method",
+        "wanda",
+        "--pattern",
+        "2:4",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--num-samples", "4", "--calibration-seq-len", "32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["linear_zero_share"] == pytest.approx(0.5) and report["perplexity_after"] > 0
+    assert main(["generate", "Hello", "--model", str(out), "--max-tokens", "4"]) == 0
+
+
+def test_prune_llm_pruner_writes_a_smaller_checkpoint(tiny, tmp_path, capsys):
+    out = tmp_path / "p"
+    argv = ["compress", "prune", "--model", str(tiny), "--method", "llm-pruner", "--ratio", "0.25"]
+    assert (
+        main([*argv, "--out", str(out), "--num-samples", "2", "--calibration-seq-len", "32", "--no-report"])
+        == 0
+    )
+    assert "parameters" in capsys.readouterr().out
+    small = load_model(out, device="cpu")
+    assert small.config.intermediate_size == load_model(tiny, device="cpu").config.intermediate_size * 3 // 4
+    err = _one_line_error(capsys, [*argv[:-2], "--pattern", "3:2", "--out", str(tmp_path / "x")])
+    assert "N:M" in err and not (tmp_path / "x").exists()

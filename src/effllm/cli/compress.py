@@ -162,7 +162,28 @@ def _register_prune(sub) -> None:
     )
     pr.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
     pr.add_argument("--out", required=True, help="folder to write the pruned checkpoint to (must not exist)")
-    pr.add_argument("--method", required=True, choices=PRUNE_METHODS)
+    pr.add_argument(
+        "--method",
+        required=True,
+        choices=[*PRUNE_METHODS, "llm-pruner"],
+        help="one-shot zeros (magnitude, wanda, sparsegpt) or llm-pruner: whole MLP channels and KV groups "
+        "removed, a smaller dense checkpoint (effllm.compress.structured)",
+    )
+    pr.add_argument(
+        "--ratio",
+        type=float,
+        default=0.25,
+        help="llm-pruner: share of each layer's MLP channels removed (0.25)",
+    )
+    pr.add_argument(
+        "--kv-group-ratio",
+        type=float,
+        default=0.0,
+        help="llm-pruner: share of each layer's KV groups removed with their q heads (a multiple of 1/KV; 0)",
+    )
+    pr.add_argument(
+        "--importance", default="first", choices=["first", "second", "mix"], help="llm-pruner: Taylor order"
+    )
     pr.add_argument(
         "--sparsity", type=float, default=0.5, help="share of each matrix zeroed, unstructured (default 0.5)"
     )
@@ -195,6 +216,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if out.exists():
         raise InputError(f"{out} already exists; pass a new --out folder")
     pattern = Pattern.parse(args.pattern)
+    structured = args.method == "llm-pruner"
     path = args.model or str(default_model_path())
     model = load_model(path, dtype=args.dtype, device="cpu")
     tokenizer = load_tokenizer(path)
@@ -202,29 +224,51 @@ def run_prune(args: argparse.Namespace) -> int:
     ids = None
     if args.method != "magnitude":
         ids = calibration_ids(tokenizer, args.num_samples, args.calibration_seq_len, args.calibration_data)
+    params_before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    zeros = prune_(model, args.method, args.sparsity, pattern, calibration=ids, damp=args.damp)
+    if structured:
+        from effllm.compress.structured import prune_structured
+
+        model = prune_structured(model, ids, args.ratio, args.kv_group_ratio, args.importance)
+        zeros = {}
+    else:
+        zeros = prune_(model, args.method, args.sparsity, pattern, calibration=ids, damp=args.damp)
     seconds = time.perf_counter() - start
     save_model(model, out, tokenizer=tokenizer)
     report = {
         "model": path,
         "out": str(out),
         "method": args.method,
-        "pattern": args.pattern,
-        "sparsity": args.sparsity if not pattern.structured else pattern.n / pattern.m,
         "prune_seconds": round(seconds, 2),
-        "linear_zero_share": round(sum(zeros.values()) / len(zeros), 4),
+        "parameters_before": params_before,
+        "parameters_after": sum(p.numel() for p in model.parameters()),
     }
+    if structured:
+        c = model.config
+        report.update(ratio=args.ratio, kv_group_ratio=args.kv_group_ratio, importance=args.importance)
+        report.update(intermediate_size=c.intermediate_size, num_key_value_heads=c.num_key_value_heads)
+    else:
+        report.update(
+            pattern=args.pattern, sparsity=args.sparsity if not pattern.structured else pattern.n / pattern.m
+        )
+        report["linear_zero_share"] = round(sum(zeros.values()) / len(zeros), 4)
     if args.report:
         after = _heldout_perplexity(model, tokenizer)
         report.update(perplexity_before=before, perplexity_after=after)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(
-        f"wrote {out}: {args.method} {args.pattern}, {report['linear_zero_share']:.1%} of the decoder linears' "
-        f"weights zero, in {report['prune_seconds']} s"
-    )
+    if structured:
+        print(
+            f"wrote {out}: llm-pruner, {report['parameters_before'] / 1e6:.2f}M -> "
+            f"{report['parameters_after'] / 1e6:.2f}M parameters (intermediate {report['intermediate_size']}, "
+            f"{report['num_key_value_heads']} KV heads), in {report['prune_seconds']} s"
+        )
+    else:
+        print(
+            f"wrote {out}: {args.method} {args.pattern}, {report['linear_zero_share']:.1%} of the decoder "
+            f"linears' weights zero, in {report['prune_seconds']} s"
+        )
     if args.report:
         change = 100 * (report["perplexity_after"] / report["perplexity_before"] - 1)
         print(

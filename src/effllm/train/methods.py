@@ -13,7 +13,8 @@ A method registers a factory, `register_method(name, factory)`, and is then chos
 as `factory(trainer, **options)` (model, optimizer, data and config are its attributes) and returns a
 callback or a list of them. A method that changes the objective instead passes `loss_fn` to `Trainer`.
 Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.lisa` / `.owlore` take)
-and `early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`).
+`early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`) and
+`keep-sparsity` (fine-tuning a pruned model keeps its zeros).
 """
 
 from __future__ import annotations
@@ -89,6 +90,42 @@ def _early_exit(trainer: Any, **options: Any) -> Any:
 
 
 register_method("early-exit", _early_exit)
+
+
+class KeepSparsity:
+    """`--method keep-sparsity`: fine-tune a pruned model (`effllm compress prune`) without losing its zeros.
+
+    The mask is the zero pattern of every decoder linear at the start (exact zeros survive saving, and a
+    trained weight is never exactly zero by chance), re-applied after every optimizer step; a resumed run
+    reads it back from the checkpoint's weights."""
+
+    def __init__(self, trainer: Any):
+        from effllm.train.distributed import unwrap
+
+        model = unwrap(trainer.model)
+        self.masks = [
+            (p, p.detach() == 0)
+            for n, p in model.named_parameters()
+            if ".layers." in n and p.dim() == 2 and bool((p.detach() == 0).any())
+        ]
+        if not self.masks:
+            raise ConfigError("--method keep-sparsity found no zero weights; prune the model first")
+        hook = getattr(trainer.optimizer, "register_step_post_hook", None)
+        if hook is not None:  # right after each update, so evaluations see the masked weights too
+            hook(lambda *_: self.apply())
+
+    def apply(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, mask in self.masks:
+                p.masked_fill_(mask, 0)
+
+    def on_step_end(self, step: int, metrics: dict[str, Any]) -> None:
+        self.apply()  # for optimizers that update outside step() (layer-wise updates)
+
+
+register_method("keep-sparsity", KeepSparsity)
 
 
 def call_hook(callbacks: list[Any], hook: str, *args: Any) -> None:

@@ -54,6 +54,7 @@ def test_spec_decode_bench_reports_speedup_and_accepted_length():
     assert r["plain"]["decode_tokens_per_s"] > 0 and r["ngram_k2"]["speedup"] > 0
     assert r["ngram_k2"]["mean_accepted_length"] >= 1
     assert set(r["throughput_2_requests"]) == {"plain", "ngram_k2", "ngram_k2_forced"}
+    assert r["ngram_k2_adaptive"]["speedup"] > 0
 
 
 def test_spec_decode_bench_runs_the_draft_and_early_exit_proposers():

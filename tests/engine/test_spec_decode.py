@@ -106,6 +106,7 @@ def test_ngram_greedy_output_equals_plain_greedy_on_a_mixed_batch(tiny_llama, op
         speculative_method="ngram",
         num_speculative_tokens=3,
         speculative_max_running=64,
+        speculative_adaptive=False,
         **options,
     )
     got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -135,11 +136,15 @@ def test_sampled_output_with_drafts_keeps_the_models_distribution(tiny_llama, me
     prompt = [5, 6, 7] * 5
     params = [SamplingParams(temperature=1.0, top_k=6, max_tokens=3, seed=s) for s in range(1500)]
     if method == "guess":
-        llm = LLM(tiny_llama, speculative_max_running=4096)
+        llm = LLM(tiny_llama, speculative_max_running=4096, speculative_adaptive=False)
         llm.engine.proposer = GreedyGuess(tiny_llama)
     else:
         llm = LLM(
-            tiny_llama, speculative_method=method, speculative_exit_layer=1, speculative_max_running=4096
+            tiny_llama,
+            speculative_method=method,
+            speculative_exit_layer=1,
+            speculative_max_running=4096,
+            speculative_adaptive=False,
         )
     outs = llm.generate([prompt] * len(params), params, use_tqdm=False)
     stats = llm.engine.stats
@@ -166,7 +171,7 @@ def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(tiny_llama):
     others = [SamplingParams(temperature=0.9, max_tokens=12) for _ in range(5)]
 
     def run(batch_params):
-        llm = LLM(tiny_llama, speculative_max_running=64)
+        llm = LLM(tiny_llama, speculative_max_running=64, speculative_adaptive=False)
         llm.engine.proposer = GreedyGuess(tiny_llama)
         return llm.generate([prompt] * len(batch_params), batch_params, use_tqdm=False)[0].token_ids
 
@@ -201,6 +206,7 @@ def test_early_exit_greedy_output_equals_plain_greedy(tiny_llama, exit_layer, op
         speculative_method="early-exit",
         speculative_exit_layer=exit_layer,
         speculative_max_running=64,
+        speculative_adaptive=False,
         **options,
     )
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
@@ -239,6 +245,7 @@ def test_draft_model_greedy_output_equals_plain_greedy(tiny_llama, tmp_path, dra
         speculative_method="draft",
         speculative_model=str(tmp_path / "draft"),
         speculative_max_running=64,
+        speculative_adaptive=False,
         **options,
     )
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
@@ -257,6 +264,8 @@ def test_draft_model_must_share_the_vocabulary(tiny_llama, tmp_path):
 
 
 def test_usage_counts_accepted_drafts(tiny_llama):
-    llm = LLM(tiny_llama, speculative_method="early-exit", speculative_exit_layer=2)
+    llm = LLM(
+        tiny_llama, speculative_method="early-exit", speculative_exit_layer=2, speculative_adaptive=False
+    )
     out = llm.generate([[5, 6, 7] * 4], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     assert out.num_draft_tokens > 0 and out.num_accepted_tokens == out.num_draft_tokens

@@ -56,7 +56,7 @@ def test_drafted_decoding_equals_plain_greedy(tiny_llama, k, wrong):
     batch = [{"prompt_token_ids": p} for p in prompts()]
     plain = [o.token_ids for o in LLM(tiny_llama).generate(batch, params, use_tqdm=False)]
     truth = {tuple(p["prompt_token_ids"]): out for p, out in zip(batch, plain, strict=True)}
-    llm = LLM(tiny_llama, max_num_batched_tokens=64, block_size=4)
+    llm = LLM(tiny_llama, max_num_batched_tokens=64, block_size=4, speculative_adaptive=False)
     llm.engine.proposer = proposer = CorruptingProposer(truth, k, wrong)
     steps_before = llm.engine.stats.num_steps
     assert [o.token_ids for o in llm.generate(batch, params, use_tqdm=False)] == plain
@@ -74,7 +74,7 @@ def test_drafted_decoding_equals_plain_greedy(tiny_llama, k, wrong):
 def test_requests_with_penalties_take_no_drafts(tiny_llama):
     batch = [{"prompt_token_ids": p} for p in prompts(2)]
     truth = {tuple(p["prompt_token_ids"]): list(range(64)) for p in batch}
-    llm = LLM(tiny_llama)
+    llm = LLM(tiny_llama, speculative_adaptive=False)
     llm.engine.proposer = proposer = CorruptingProposer(truth, 3, 0.0)
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=8, repetition_penalty=1.2)
     llm.generate(batch, params, use_tqdm=False)

@@ -176,7 +176,9 @@ def test_oversized_body_over_a_socket_gets_413(base_url):
 
 def test_usage_reports_accepted_and_rejected_drafts(model_dir, reference):
     """Self-speculation at the model's full depth: every draft is accepted, the text is plain greedy's."""
-    engine = new_engine(model_dir, speculative_method="early-exit", speculative_exit_layer=2)
+    engine = new_engine(
+        model_dir, speculative_method="early-exit", speculative_exit_layer=2, speculative_adaptive=False
+    )
     app = build_app(engine, served_model_names=MODEL_NAME, api_key=API_KEY)
     with (
         running_server(app) as url,

@@ -6,9 +6,11 @@ Workloads (prompts from the held-out *Persuasion*, tokenized by the model's toke
 - `free`: the first 32 tokens of a passage; the model writes on (its own text, repetitive or not).
 For each workload, batch-1 greedy decode tokens/s over `--prompts` prompts (median of the prompts' rates)
 for plain decoding and for each proposer of `--methods` (ngram, draft with `--speculative-model`,
-early-exit at each of `--exit-layers`) at each `--k`, with the mean accepted length (tokens per verifying
-step); and offline throughput of `--concurrent` requests at once, plain, each proposer (at the middle k and
-the first E) with the engine's default `speculative_max_running` cut-off, and forced on every step. Every variant runs each
+early-exit at each of `--exit-layers`) at each `--k`, drafting on every step, with the mean accepted
+length (tokens per verifying step), and each proposer at the middle k and the first E as the engine runs
+it by default (`_adaptive`: the speculation gate drafts only while drafting is measured to pay); and
+offline throughput of `--concurrent` requests at once, plain, each proposer with the engine's defaults
+(the gate and the `speculative_max_running` cut-off), and forced on every step. Every variant runs each
 prompt in turn, `--reps` times (interleaved, so that the machine's drift falls on all of them alike).
 """
 
@@ -131,24 +133,31 @@ def run_spec_decode(
     for name in workloads:
         batch = workload_prompts(tokenizer, name, prompts, passage_tokens)
         r: dict = {"prompt_tokens": [len(p) for p in batch]}
+        k = ks[len(ks) // 2]
+        middle = {  # each method at the middle k and the first E: also measured with the default gate
+            v: o
+            for v, o in variants.items()
+            if o["num_speculative_tokens"] == k and o.get("speculative_exit_layer", layers[0]) == layers[0]
+        }
         engines = {"plain": LLMEngine(model, config=EngineConfig(**base))}
-        for v, options in variants.items():
-            engines[v] = make_engine(model, **base, **options)
+        for v, options in variants.items():  # the method itself: drafting on every step
+            engines[v] = make_engine(model, **base, **options, speculative_adaptive=False)
+        for v, options in middle.items():  # as the engine runs by default: the gate drops what does not pay
+            engines[f"{v}_adaptive"] = make_engine(model, **base, **options)
         r.update(batch1(engines, batch, new_tokens, reps))
-        for v in variants:
+        for v in engines:
             r[v]["speedup"] = round(r[v]["decode_tokens_per_s"] / r["plain"]["decode_tokens_per_s"], 3)
         if concurrent:
             many = (batch * -(-concurrent // len(batch)))[:concurrent]
-            k = ks[len(ks) // 2]
             many_variants = {"plain": base}
-            for v, options in variants.items():
-                if (
-                    options["num_speculative_tokens"] != k
-                    or options.get("speculative_exit_layer", layers[0]) != layers[0]
-                ):
-                    continue
+            for v, options in middle.items():
                 many_variants[v] = {**base, **options}
-                many_variants[f"{v}_forced"] = {**base, **options, "speculative_max_running": concurrent}
+                many_variants[f"{v}_forced"] = {
+                    **base,
+                    **options,
+                    "speculative_max_running": concurrent,
+                    "speculative_adaptive": False,
+                }
             runs: dict[str, list[dict]] = {v: [] for v in many_variants}
             for _ in range(reps):  # interleaved, as at batch 1
                 for v, options in many_variants.items():

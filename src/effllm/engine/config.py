@@ -136,6 +136,11 @@ class EngineConfig:
         "token to MIN at the SPAN-th (default 128), e.g. 3,6 (lossy; for a model trained with early exit)",
         metavar="MIN,MAX[,SPAN]",
     )
+    speculative_adaptive: bool = option(
+        True,
+        "draft only while drafted decode steps are measured to give more tokens/s than plain ones, per batch "
+        "size (spec_decode/gate.py); output is the same either way",
+    )
     speculative_max_running: int = option(
         8,
         "draft only while at most this many requests run: a larger batch already keeps the CPU busy and "

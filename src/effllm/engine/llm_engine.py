@@ -28,6 +28,7 @@ from effllm.engine.outputs import RequestOutput
 from effllm.engine.request import Request
 from effllm.engine.sampling_params import SamplingParams
 from effllm.engine.scheduler import Scheduler, SchedulerOutput
+from effllm.engine.spec_decode.gate import SpeculationGate
 from effllm.engine.spec_decode.proposer import Proposer, propose_drafts
 from effllm.engine.spec_decode.registry import make_proposer
 from effllm.models.checkpoint import load_model
@@ -102,6 +103,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.stats = EngineStats()
         self.proposer = proposer or make_proposer(self.config, self.runner, self.block_manager)
+        self.gate = SpeculationGate() if self.config.speculative_adaptive else None
 
     @classmethod
     def from_pretrained(
@@ -171,10 +173,13 @@ class LLMEngine:
         If the step fails (an exception in the forward, the sampler or the detokenizer), the requests it
         held are aborted, their blocks freed, and `StepError` names them; the engine stays usable.
         """
+        start = time.perf_counter()
         running = self.scheduler.running
+        num_running = len(running)
         if self.proposer is not None:
             self.proposer.retain(running)
-            if len(running) <= self.config.speculative_max_running:
+            wanted = num_running <= self.config.speculative_max_running
+            if wanted and (self.gate is None or self.gate.should_draft(num_running)):
                 k = self.config.num_speculative_tokens
                 propose_drafts(self.proposer, running, self.config.max_model_len, k)
         out = self.scheduler.schedule()
@@ -183,8 +188,17 @@ class LLMEngine:
             if self.scheduler.has_unfinished() and not out.preempted:
                 raise RuntimeError("the scheduler found nothing to run while requests wait; this is a bug")
             return []
+        # Decode-only steps (every request computes its last token, with or without drafts) teach the gate.
+        decode_only = all(
+            r.samples_after(n) and n == len(r.draft_token_ids) + 1
+            for r, n in zip(out.requests, out.num_tokens, strict=True)
+        )
+        drafted = any(r.draft_token_ids for r in out.requests)
         try:
-            return self._run_step(out)
+            outputs = self._run_step(out)
+            if self.gate is not None and self.proposer is not None and decode_only:
+                self.gate.record(num_running, drafted, self._step_tokens, time.perf_counter() - start)
+            return outputs
         except Exception as e:
             failed = list(
                 dict.fromkeys(self._parent_of[r].request_id for r in out.requests if r in self._parent_of)
@@ -194,6 +208,7 @@ class LLMEngine:
 
     def _run_step(self, out: SchedulerOutput) -> list[RequestOutput]:
         sampled = self.runner.execute(out)
+        self._step_tokens = sum(len(tokens) for tokens in sampled.values())
         for request, tokens in sampled.items():
             if request.draft_token_ids:
                 self.stats.num_draft_tokens += len(request.draft_token_ids)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from effllm.core.errors import ConfigError
 
+DEFAULT_SPAN = 128  # generated tokens over which the exit layer falls from MAX to MIN
+
 
 @dataclass(frozen=True)
 class SkipSchedule:
@@ -55,6 +57,3 @@ class SkipSchedule:
                 f"generated tokens), e.g. 3,6,128; got {spec!r}"
             )
         return cls(values[0], values[1], values[2] if len(values) == 3 else DEFAULT_SPAN, num_layers)
-
-
-DEFAULT_SPAN = 128

@@ -26,7 +26,8 @@ from effllm.models.decode_linear import use_decode_linears
 from effllm.models.fused_projections import fuse_projections
 from effllm.models.transformer import CausalLM
 
-# The draft cache holds this many requests at the full context (speculative_max_running by default).
+# The draft model's KV cache: room for speculative_max_running requests at the full context, but never
+# more bytes than this (and always room for one request).
 DRAFT_CACHE_BYTES_CAP = 512 * 1024**2
 
 

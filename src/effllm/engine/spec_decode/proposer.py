@@ -7,18 +7,20 @@ schedules it with the request's last token; verification keeps what the target m
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from effllm.engine.request import Request
 
 
-class Proposer:
+class Proposer(ABC):
     """Base of the proposers: `propose` is required, `retain` optional (for proposers that keep state)."""
 
+    @abstractmethod
     def propose(self, requests: list[Request], limits: list[int]) -> list[list[int]]:
         """Draft tokens for each request (an empty list for none), in the order given; at most `limits[i]`
         for request i (what it can still hold, never more than the configured k)."""
-        raise NotImplementedError
 
-    def retain(self, requests: list[Request]) -> None:
+    def retain(self, requests: list[Request]) -> None:  # noqa: B027 (optional hook, a no-op by default)
         """Called each step with the running requests: state kept for any other request can go."""
 
 

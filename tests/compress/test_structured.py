@@ -89,3 +89,35 @@ def test_ratios_that_need_per_layer_widths_or_break_loading_are_refused():
         prune_structured(tiny(model_type="qwen2"), IDS, kv_group_ratio=0.5)
     small = prune_structured(tiny(model_type="qwen2"), IDS, mlp_ratio=0.5)  # MLP channels only: fine
     assert small.config.intermediate_size == 24
+
+
+def test_obs_column_removal_is_the_least_squares_fit_of_the_remaining_columns():
+    from effllm.compress.structured import obs_remove_columns
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=gen, dtype=torch.float64)
+    x[:, 3] += x[:, 5]  # correlated inputs, so the other columns can take over part of the removed ones
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    remove = torch.tensor([3, 7, 8])
+    got = obs_remove_columns(w, x.T @ x, remove, damp=0.0).double()
+    keep = torch.tensor([i for i in range(12) if i not in {3, 7, 8}])
+    fit = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T  # argmin ||X W^T - X_K V^T||
+    assert (got[:, remove] == 0).all()
+    torch.testing.assert_close(got[:, keep], fit.float().double(), rtol=1e-4, atol=1e-4)
+    # It beats plain zeroing, and removing nothing changes nothing.
+    zeroed = w.clone()
+    zeroed[:, remove] = 0
+    assert (x @ (w - got).T).norm() < 0.9 * (x @ (w - zeroed).T).norm()
+    torch.testing.assert_close(obs_remove_columns(w, x.T @ x, torch.tensor([], dtype=torch.long)), w.float())
+
+
+def test_obs_column_removal_ignores_inputs_that_never_fire():
+    from effllm.compress.structured import obs_remove_columns
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(100, 8, generator=gen)
+    x[:, 2] = 0  # a column removed earlier: its input is always zero
+    w = torch.randn(3, 8, generator=gen)
+    got = obs_remove_columns(w, x.T @ x, torch.tensor([4]))
+    assert torch.isfinite(got).all() and (got[:, 4] == 0).all()
+    assert (x @ (w - got).T).norm() < (x[:, 4:5] @ w[:, 4:5].T).norm()

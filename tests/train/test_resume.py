@@ -15,8 +15,9 @@ from effllm.train.metrics import read_metrics
 STEPS = 8
 
 
-def run_until_killed(config, kill_line: str, inside: Path) -> None:
-    """Run training in a subprocess; SIGKILL it once it has printed `kill_line` and written `inside`."""
+def run_until_killed(config, kill_line: str, inside: Path | None, extra: list[str] = ()) -> None:
+    """Run training in a subprocess (with `extra` flags); SIGKILL it once it has printed `kill_line` and
+    written `inside` (when given)."""
     args = [
         sys.executable,
         "-m",
@@ -46,6 +47,7 @@ def run_until_killed(config, kill_line: str, inside: Path) -> None:
         "--no-tensorboard",
         "--log-every",
         "1",
+        *extra,
     ]
     env = {**os.environ, PAUSE_ENV: "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -53,7 +55,7 @@ def run_until_killed(config, kill_line: str, inside: Path) -> None:
         for line in proc.stdout:
             if line.strip() == kill_line:
                 deadline = time.monotonic() + 30
-                while not inside.exists() and time.monotonic() < deadline:
+                while inside is not None and not inside.exists() and time.monotonic() < deadline:
                     time.sleep(0.01)
                 proc.send_signal(signal.SIGKILL)
                 break

@@ -114,3 +114,20 @@ def test_supervised_fine_tuning_takes_the_loss_on_assistant_tokens_only(make_con
     trainer.train()
     first = read_metrics(Path(trainer.out) / "metrics.jsonl")[0]["loss"]
     assert first == pytest.approx(masked, abs=1e-5) and abs(first - every) > 1e-3
+
+
+def test_save_dtype_casts_the_final_model_only(make_config):
+    from safetensors import safe_open
+
+    from effllm.train.checkpointing import list_checkpoints
+
+    config = make_config("bf16-out", steps=2, save_every=2, save_dtype="bfloat16")
+    train(config)
+    out = Path(config.out)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+    (_, folder), *_ = list_checkpoints(out)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.float32}  # --resume stays exact

@@ -54,12 +54,36 @@ def taylor_saliency(
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    out = {}
-    for n, p in params.items():
-        w = p.detach().float()
-        first, second = w * grad[n], w * fisher[n] * w
-        out[n] = {"first": first, "second": second, "mix": first - 0.5 * second}[kind].abs()
-    return out
+    return {n: weight_saliency(p.detach().float(), grad[n], fisher[n], kind) for n, p in params.items()}
+
+
+def weight_saliency(w: torch.Tensor, grad: torch.Tensor, fisher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Elementwise Taylor saliency: `first` |w g|, `second` |w h w|, `mix` |w g - w h w / 2|."""
+    first, second = w * grad, w * fisher * w
+    return {"first": first, "second": second, "mix": first - 0.5 * second}[kind].abs()
+
+
+def obs_remove_columns(
+    weight: torch.Tensor, hessian: torch.Tensor, remove: torch.Tensor, damp: float = 0.01
+) -> torch.Tensor:
+    """`weight` [out, n] with input columns `remove` zeroed and the other columns updated to compensate:
+    the group Optimal Brain Surgeon step (Hassibi & Stork; Frantar & Alistarh's OBC, ZipLM for structures).
+
+    With H = X^T X of the layer's inputs X [tokens, n], the update that keeps W X^T closest to its value
+    (least squares over X) once the columns R are zero is dW = -W[:, R] ([H^-1]_RR)^-1 [H^-1]_R,: ,
+    with H dampened by `damp` times its mean diagonal. Returns a new float32 tensor."""
+    w = weight.detach().float().clone()
+    if len(remove) == 0:
+        return w
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0  # inputs that never fire (e.g. columns already removed): keep them out of H
+    h[dead, dead] = 1.0
+    h += torch.eye(len(h), device=h.device) * damp * torch.diag(h).mean()
+    hinv = torch.linalg.inv(h)
+    rows = hinv[remove]  # [R, n]
+    w -= w[:, remove] @ torch.linalg.solve(rows[:, remove], rows)
+    w[:, remove] = 0.0
+    return w
 
 
 def group_importance(

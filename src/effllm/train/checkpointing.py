@@ -12,6 +12,7 @@ complete `step-N` folders are ever resumed from.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -129,16 +130,23 @@ def save_checkpoint(
     return final
 
 
-def save_full_model(model: nn.Module, folder: Path, env: Distributed, tokenizer: Any = None) -> None:
-    """The whole model in the Hugging Face layout, written by rank 0 (FSDP shards are gathered first)."""
+def save_full_model(
+    model: nn.Module, folder: Path, env: Distributed, tokenizer: Any = None, dtype: torch.dtype | None = None
+) -> None:
+    """The whole model in the Hugging Face layout, written by rank 0 (FSDP shards are gathered first);
+    in `dtype` when given (a copy: the training model keeps its float32 weights)."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if env.is_main:
-            save_model(_host_model(model.config, full), folder, tokenizer=tokenizer)
+            host = _host_model(model.config, full)
+            save_model(host if dtype is None else host.to(dtype), folder, tokenizer=tokenizer)
     elif env.is_main:
-        save_model(unwrap(model), folder, tokenizer=tokenizer)
+        plain = unwrap(model)
+        if dtype is not None and plain.dtype != dtype:
+            plain = copy.deepcopy(plain).to(dtype)
+        save_model(plain, folder, tokenizer=tokenizer)
 
 
 def load_training_state(

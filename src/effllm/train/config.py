@@ -23,6 +23,7 @@ from effllm.optim.registry import list_optimizers
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant")
+SAVE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -92,10 +93,18 @@ class TrainConfig:
     peak_tflops: float | None = option(
         None, "peak TFLOP/s per process for model FLOPs utilisation (default: detected)"
     )
+    save_dtype: str = option(
+        "float32",
+        "dtype of the final model (checkpoints for --resume always keep float32); bfloat16 halves its size",
+        SAVE_DTYPES,
+    )
     tensorboard: bool = option(True, "also log to TensorBoard under OUT/tensorboard when it is installed")
     # ---------------------------------------------------------------- training methods
     method: str | None = option(None, "training method plugged into the loop (see effllm.train.methods)")
     method_options: dict[str, Any] = option({}, "the method's options as KEY=VALUE")
+    target_params: int | None = option(
+        None, "--method pruning-aware: the final model's parameter count (e.g. 9.05e6)"
+    )
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -175,6 +184,12 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.clip_grad < 0 or self.weight_decay < 0:
             raise ConfigError("--clip-grad and --weight-decay must not be negative")
+        if self.target_params is not None and self.method != "pruning-aware":
+            raise ConfigError(
+                "--target-params sets the size --method pruning-aware prunes to; add that method"
+            )
+        if self.target_params is not None and self.target_params < 1:
+            raise ConfigError(f"--target-params must be positive, got {self.target_params}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

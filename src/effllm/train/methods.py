@@ -7,14 +7,17 @@ A callback is any object with some of these methods; the trainer calls those it 
 - `on_step_end(step, metrics)`: after step `step` (1-based, as in metrics.jsonl); may add to `metrics`.
 - `on_save(step, folder)`: after checkpoint `folder` was written (rank 0).
 - `state_dict()` / `load_state_dict(state)`: saved in each checkpoint (per process) and restored on resume.
+- `final_model(model)`: the model the run writes at the end, made from the trained one (pruning-aware
+  training returns a smaller model here).
 
 A method registers a factory, `register_method(name, factory)`, and is then chosen with
 `effllm train --method NAME --method-options k=v ...`. The factory is called once the trainer is set up
 as `factory(trainer, **options)` (model, optimizer, data and config are its attributes) and returns a
 callback or a list of them. A method that changes the objective instead passes `loss_fn` to `Trainer`.
 Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.lisa` / `.owlore` take)
-`early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`) and
-`keep-sparsity` (fine-tuning a pruned model keeps its zeros).
+`early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`),
+`keep-sparsity` (fine-tuning a pruned model keeps its zeros) and `pruning-aware` (the model shrinks to
+`--target-params` while it trains; options in `effllm.train.pruning_aware`).
 """
 
 from __future__ import annotations
@@ -126,6 +129,15 @@ class KeepSparsity:
 
 
 register_method("keep-sparsity", KeepSparsity)
+
+
+def _pruning_aware(trainer: Any, **options: Any) -> Any:
+    from effllm.train.pruning_aware import PruningAwareTraining
+
+    return PruningAwareTraining(trainer, **options)
+
+
+register_method("pruning-aware", _pruning_aware)
 
 
 def call_hook(callbacks: list[Any], hook: str, *args: Any) -> None:

@@ -69,6 +69,7 @@ RESUMABLE_CHANGES = (
     "eval_every",
     "eval_batches",
     "tensorboard",
+    "save_dtype",
     "peak_tflops",
     "resume",
     "out",
@@ -348,7 +349,8 @@ class Trainer:
                 progress.update(row)
                 if cfg.save_every and (self.step % cfg.save_every == 0 or last):
                     self.save_checkpoint(progress)
-            save_full_model(self.model, self.out, env, self.tokenizer)
+            dtype = getattr(torch, cfg.save_dtype)
+            save_full_model(self._final_model(), self.out, env, self.tokenizer, dtype)
             env.barrier()
         finally:
             progress.close()
@@ -358,6 +360,14 @@ class Trainer:
             plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
             self._print(f"wrote the model to {self.out}")
         return row
+
+    def _final_model(self) -> nn.Module:
+        """The model to write at the end: the trained one, or what a method's `final_model` makes of it."""
+        model = self.model
+        for callback in self.callbacks:
+            if hasattr(callback, "final_model"):
+                model = callback.final_model(unwrap(model))
+        return model
 
     def _step(self, peak_tflops: float | None) -> dict[str, Any]:
         """One optimizer step; its metrics row."""

@@ -149,3 +149,13 @@ def test_hardware_list_and_measure(capsys, tmp_path, monkeypatch):
     assert "h200" in listed and "local" not in listed
     run(capsys, "hardware", "--copy-mib", "1", "--matmul-n", "32", "--repeats", "1")
     assert "local" in json.loads(run(capsys, "hardware", "--list", "--json"))
+
+
+def test_roofline_sparsity_flag(capsys, config_only_folder):
+    argv = ["roofline", "--model", str(config_only_folder), "--hardware", "a100", "--phase", "decode"]
+    dense = json.loads(run(capsys, *argv, "--context", "64", "--json"))
+    sparse = json.loads(run(capsys, *argv, "--context", "64", "--sparsity", "2:4", "--json"))
+    assert sparse["sparsity"] == "2:4" and sparse["total"]["bytes"] < dense["total"]["bytes"]
+    assert "2:4 sparse linears" in run(capsys, *argv, "--context", "64", "--sparsity", "2:4")
+    with pytest.raises(EffLLMError, match="N:M"):
+        run(capsys, *argv, "--context", "64", "--sparsity", "half")

@@ -77,3 +77,30 @@ def test_roofline_fraction_is_measured_over_roofline_tokens_per_s():
 def test_bad_phase_arguments_raise_config_errors(kwargs):
     with pytest.raises(ConfigError):
         analyze("galore-60m", "a100-80g", **kwargs)
+
+
+def test_two_four_sparsity_halves_linear_compute_and_stores_weights_with_two_bit_indices():
+    dense = analyze("llama-7b", "a100-80g", "prefill", prompt=2048)
+    sparse = analyze("llama-7b", "a100-80g", "prefill", prompt=2048, sparsity="2:4")
+    by_name = {layer.cost.name: layer for layer in dense.layers}
+    for layer in sparse.layers:
+        before = by_name[layer.cost.name]
+        if layer.cost.name in ("q_proj", "gate_proj", "down_proj"):
+            assert layer.cost.ops == pytest.approx(before.cost.ops / 2)
+            # fp16 values of the kept half, each with a 2-bit position: 18 bits per kept, 9 per weight
+            assert layer.cost.load_weight == pytest.approx(before.cost.load_weight * 9 / 16)
+        elif layer.cost.name in ("lm_head", "attention", "embed_tokens"):
+            assert layer.cost == before.cost  # pruning leaves these dense
+    assert dense.total.bound == "compute" and 1.6 < dense.total.time_s / sparse.total.time_s < 2.0
+    decode = analyze("llama-7b", "a100-80g", "decode", context=128).total
+    sparse_decode = analyze("llama-7b", "a100-80g", "decode", context=128, sparsity="2:4").total
+    assert 1.5 < decode.time_s / sparse_decode.time_s < 16 / 9  # weight bytes x 9/16, the rest unchanged
+    four_eight = analyze("llama-7b", "a100-80g", "decode", context=128, sparsity="4:8")
+    assert four_eight.to_dict()["sparsity"] == "4:8"
+    assert four_eight.total.bytes > sparse_decode.bytes  # 3-bit indices at 4:8
+
+
+@pytest.mark.parametrize("spec", ["0.5", "4:4", "2-4", "0:4"])
+def test_sparsity_other_than_n_of_m_is_refused(spec):
+    with pytest.raises(ConfigError, match="N:M|0 < N < M"):
+        analyze("llama-7b", "a100-80g", "decode", context=8, sparsity=spec)

@@ -44,6 +44,48 @@ class Bits:
 
 
 @dataclass(frozen=True)
+class Sparsity:
+    """N:M weight sparsity of the decoder's linears, as `effllm compress prune --pattern N:M` makes it:
+    `zeros` of every `group` consecutive inputs are zero.
+
+    Modelled as hardware that executes the pattern runs it (GPUs' sparse tensor cores for 2:4,
+    FlightLLM-style accelerators for N:M): multiply-adds only over the kept weights, and the weights
+    stored compressed, each kept value with a ceil(log2(group))-bit position index (NVIDIA's 2:4 format:
+    2 bits per kept value). Hardware without N:M support computes the dense matrix: leave it out there."""
+
+    zeros: int
+    group: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.zeros < self.group:
+            raise ConfigError(f"N:M sparsity needs 0 < N < M, got {self.zeros}:{self.group}")
+
+    @classmethod
+    def parse(cls, spec: str | Sparsity | None) -> Sparsity | None:
+        if spec is None or isinstance(spec, Sparsity):
+            return spec
+        try:
+            zeros, group = (int(x) for x in str(spec).split(":"))
+        except ValueError:
+            raise ConfigError(
+                f"--sparsity takes N:M (N zeros in every M weights, e.g. 2:4), not {spec!r}; unstructured "
+                "sparsity runs no faster on any hardware modelled here"
+            ) from None
+        return cls(zeros, group)
+
+    @property
+    def density(self) -> float:
+        return (self.group - self.zeros) / self.group
+
+    @property
+    def index_bits(self) -> int:
+        return max(1, (self.group - 1).bit_length())
+
+    def __str__(self) -> str:
+        return f"{self.zeros}:{self.group}"
+
+
+@dataclass(frozen=True)
 class OpCost:
     """One op: operations and bytes moved by one instance; `count` instances run per step."""
 
@@ -80,14 +122,19 @@ def linear(
     bias: bool = False,
     to_kv: bool = False,
     count: int = 1,
+    sparsity: Sparsity | None = None,
 ) -> OpCost:
-    """y = x W^T (+ b) over `tokens` rows; k/v projections write the KV cache instead of an activation."""
+    """y = x W^T (+ b) over `tokens` rows; k/v projections write the KV cache instead of an activation.
+    With N:M `sparsity`, multiply-adds and weight bytes cover the kept weights (plus their indices)."""
     out = out_features * tokens
+    density = sparsity.density if sparsity else 1.0
+    weight_bits = density * (bits.w + (sparsity.index_bits if sparsity else 0))
     return OpCost(
         name,
         "linear",
-        ops=2 * in_features * out + (out if bias else 0),
-        load_weight=in_features * out_features * bits.w / 8 + (out_features * bits.small / 8 if bias else 0),
+        ops=2 * in_features * out * density + (out if bias else 0),
+        load_weight=in_features * out_features * weight_bits / 8
+        + (out_features * bits.small / 8 if bias else 0),
         load_act=in_features * tokens * bits.a / 8,
         store_act=0 if to_kv else out * bits.a / 8,
         store_kv=out * bits.kv / 8 if to_kv else 0,
@@ -206,9 +253,16 @@ def attention(
 
 # ---------------------------------------------------------------------- one forward step
 def step_costs(
-    config: ModelConfig, batch: int, new: int, cached: int, bits: Bits, fused_attention: bool = True
+    config: ModelConfig,
+    batch: int,
+    new: int,
+    cached: int,
+    bits: Bits,
+    fused_attention: bool = True,
+    sparsity: Sparsity | None = None,
 ) -> list[OpCost]:
-    """Every op of one forward over `new` tokens per sequence, with logits for each sequence's last token."""
+    """Every op of one forward over `new` tokens per sequence, with logits for each sequence's last token.
+    `sparsity` applies to the decoder layers' linears (pruning leaves the embedding and lm_head dense)."""
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     q_out = config.num_attention_heads * config.head_dim
     kv_out = config.num_key_value_heads * config.head_dim
@@ -225,20 +279,28 @@ def step_costs(
         )
     ]
     ops.append(elementwise("input_layernorm", n * h, 7, 1, bits, weight_elements=h, count=layers))
-    ops.append(linear("q_proj", h, q_out, n, bits, bias=config.qkv_bias, count=layers))
-    ops.append(linear("k_proj", h, kv_out, n, bits, bias=config.qkv_bias, to_kv=True, count=layers))
-    ops.append(linear("v_proj", h, kv_out, n, bits, bias=config.qkv_bias, to_kv=True, count=layers))
+    ops.append(linear("q_proj", h, q_out, n, bits, bias=config.qkv_bias, count=layers, sparsity=sparsity))
+    ops.append(
+        linear(
+            "k_proj", h, kv_out, n, bits, bias=config.qkv_bias, to_kv=True, count=layers, sparsity=sparsity
+        )
+    )
+    ops.append(
+        linear(
+            "v_proj", h, kv_out, n, bits, bias=config.qkv_bias, to_kv=True, count=layers, sparsity=sparsity
+        )
+    )
     windows = Counter(config.sliding_windows)  # layers sharing a window share one attention entry
     for window, group in windows.items():
         name = "attention" if len(windows) == 1 else f"attention[{'full' if window is None else window}]"
         ops += attention(config, batch, new, cached, window, bits, fused_attention, name, count=group)
-    ops.append(linear("o_proj", q_out, h, n, bits, bias=config.o_bias, count=layers))
+    ops.append(linear("o_proj", q_out, h, n, bits, bias=config.o_bias, count=layers, sparsity=sparsity))
     ops.append(elementwise("attn_residual", n * h, 1, 2, bits, count=layers))
     ops.append(elementwise("post_attention_layernorm", n * h, 7, 1, bits, weight_elements=h, count=layers))
-    ops.append(linear("gate_proj", h, inter, n, bits, bias=config.mlp_bias, count=layers))
-    ops.append(linear("up_proj", h, inter, n, bits, bias=config.mlp_bias, count=layers))
+    ops.append(linear("gate_proj", h, inter, n, bits, bias=config.mlp_bias, count=layers, sparsity=sparsity))
+    ops.append(linear("up_proj", h, inter, n, bits, bias=config.mlp_bias, count=layers, sparsity=sparsity))
     ops.append(elementwise("act_mul", n * inter, 2, 2, bits, count=layers))
-    ops.append(linear("down_proj", inter, h, n, bits, bias=config.mlp_bias, count=layers))
+    ops.append(linear("down_proj", inter, h, n, bits, bias=config.mlp_bias, count=layers, sparsity=sparsity))
     ops.append(elementwise("mlp_residual", n * h, 1, 2, bits, count=layers))
     ops.append(elementwise("norm", n * h, 7, 1, bits, weight_elements=h))
     ops.append(linear("lm_head", h, vocab, batch, bits))

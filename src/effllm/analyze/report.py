@@ -54,6 +54,7 @@ def format_roofline(report: RooflineReport) -> str:
     head = (
         f"{report.model} on {hw.name} ({si(hw.bandwidth, 'B/s')}): {report.phase}, batch {report.batch}, "
         f"{shape}, W{b.w:g}A{b.a:g}KV{b.kv:g}"
+        + (f", {report.sparsity} sparse linears (run as N:M hardware does)" if report.sparsity else "")
     )
     total_time = report.total.time_s
     rows = []

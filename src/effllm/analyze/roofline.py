@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from effllm.analyze.hardware import Hardware, get_hardware
-from effllm.analyze.layer_costs import Bits, OpCost, step_costs
+from effllm.analyze.layer_costs import Bits, OpCost, Sparsity, step_costs
 from effllm.analyze.shapes import load_model_config
 from effllm.core.errors import ConfigError
 from effllm.models.config import ModelConfig
@@ -121,6 +121,7 @@ class RooflineReport:
     layers: list[LayerRoofline]
     total: Total
     parts: dict[str, Total] = field(default_factory=dict)  # generate: its prefill and decode totals
+    sparsity: Sparsity | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -133,6 +134,7 @@ class RooflineReport:
             "output": self.output,
             "bits": {"w": self.bits.w, "a": self.bits.a, "kv": self.bits.kv},
             "fused_attention": self.fused_attention,
+            "sparsity": None if self.sparsity is None else str(self.sparsity),
             "bandwidth": self.hardware.bandwidth,
             "layers": [layer.to_dict() for layer in self.layers],
             "total": self.total.to_dict(),
@@ -164,9 +166,17 @@ def _total(layers: list[LayerRoofline], tokens: int) -> Total:
 
 
 def _step(
-    config: ModelConfig, hardware: Hardware, batch: int, new: int, cached: int, bits: Bits, fused: bool
+    config: ModelConfig,
+    hardware: Hardware,
+    batch: int,
+    new: int,
+    cached: int,
+    bits: Bits,
+    fused: bool,
+    sparsity: Sparsity | None = None,
 ) -> list[LayerRoofline]:
-    return [layer_roofline(cost, hardware) for cost in step_costs(config, batch, new, cached, bits, fused)]
+    costs = step_costs(config, batch, new, cached, bits, fused, sparsity)
+    return [layer_roofline(cost, hardware) for cost in costs]
 
 
 def _merge(steps: list[list[LayerRoofline]]) -> list[LayerRoofline]:
@@ -189,8 +199,9 @@ def analyze(
     a_bits: float = 16,
     kv_bits: float | None = None,
     fused_attention: bool = True,
+    sparsity: str | Sparsity | None = None,
 ) -> RooflineReport:
-    """Roofline of one phase.
+    """Roofline of one phase (`sparsity` "N:M": the decoder linears pruned so, run by N:M hardware).
 
     prefill: `prompt` new tokens per sequence on top of `context` cached ones (0 unless a chunk);
     decode: one token per sequence at `context` cached tokens;
@@ -199,6 +210,7 @@ def analyze(
     config = load_model_config(model)
     hw = get_hardware(hardware)
     bits = Bits(w_bits, a_bits, kv_bits)
+    sparse = Sparsity.parse(sparsity)
     if phase not in PHASES:
         raise ConfigError(f"phase {phase!r} is not one of {', '.join(PHASES)}")
     _positive(batch=batch)
@@ -206,17 +218,18 @@ def analyze(
     if phase == "prefill":
         _positive(prompt=prompt)
         _not_negative(context=context or 0)
-        layers = _step(config, hw, batch, prompt, context or 0, bits, fused_attention)
+        layers = _step(config, hw, batch, prompt, context or 0, bits, fused_attention, sparse)
         total = _total(layers, batch * prompt)
     elif phase == "decode":
         _not_negative(context=context)
-        layers = _step(config, hw, batch, 1, context, bits, fused_attention)
+        layers = _step(config, hw, batch, 1, context, bits, fused_attention, sparse)
         total = _total(layers, batch)
     else:
         _positive(prompt=prompt, output=output)
-        prefill = _step(config, hw, batch, prompt, 0, bits, fused_attention)
+        prefill = _step(config, hw, batch, prompt, 0, bits, fused_attention, sparse)
         decodes = [
-            _step(config, hw, batch, 1, c, bits, fused_attention) for c in range(prompt, prompt + output - 1)
+            _step(config, hw, batch, 1, c, bits, fused_attention, sparse)
+            for c in range(prompt, prompt + output - 1)
         ]
         layers = _merge([prefill, *decodes])
         parts["prefill"] = _total(prefill, batch * prompt)
@@ -225,7 +238,19 @@ def analyze(
         total = _total(layers, batch * output)
     name = model if isinstance(model, str | os.PathLike) else config.model_type
     return RooflineReport(
-        str(name), hw, phase, batch, prompt, context, output, bits, fused_attention, layers, total, parts
+        str(name),
+        hw,
+        phase,
+        batch,
+        prompt,
+        context,
+        output,
+        bits,
+        fused_attention,
+        layers,
+        total,
+        parts,
+        sparse,
     )
 
 

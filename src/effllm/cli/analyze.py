@@ -125,6 +125,13 @@ def _add_roofline(sub) -> None:
         action="store_true",
         help="attention through a score matrix in memory instead of one fused kernel",
     )
+    p.add_argument(
+        "--sparsity",
+        default=None,
+        metavar="N:M",
+        help="decoder linears pruned N:M (N zeros in every M, e.g. 2:4), as hardware that runs the pattern "
+        "executes them: only the kept multiply-adds, compressed weights with position indices",
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="also write the roofline plot here")
     _add_json(p)
     p.set_defaults(func=run_roofline)
@@ -155,6 +162,7 @@ def run_roofline(args: argparse.Namespace) -> int:
         **_bits(args),
         kv_bits=_kv_bits(args),
         fused_attention=not args.unfused_attention,
+        sparsity=args.sparsity,
     )
     text = format_roofline(report)
     data = report.to_dict()

@@ -22,6 +22,10 @@ BENCHES = {
         "effllm.bench.skip_decode",
         "SkipDecode's exit schedules: decode speed and perplexity cost against full depth",
     ),
+    "sparse-matmul": (
+        "effllm.bench.sparse_matmul",
+        "a pruned linear as a CSR sparse product against the dense one, per sparsity and batch rows",
+    ),
     "latency": ("effllm.bench.latency", "time to first token and per output token, chunked prefill on/off"),
     "load-memory": ("effllm.bench.load_memory", "peak RAM while loading a checkpoint, over its size"),
     "serve": ("effllm.bench.serve", "online load test of an OpenAI server: TTFT, TPOT, ITL, E2EL"),

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from effllm.core.errors import ConfigError
 from effllm.engine.attention_backend import TritonPagedAttention, make_backend
 from effllm.engine.config import EngineConfig
 from effllm.engine.cuda_graphs import DecodeGraphs
@@ -25,6 +26,7 @@ from effllm.engine.spec_decode.verify import accept_greedy
 from effllm.engine.step_layout import StepLayout, build_step_layout
 from effllm.models.decode_linear import use_decode_linears
 from effllm.models.fused_projections import fuse_projections
+from effllm.models.sparse_linear import sparsify_linears_
 from effllm.models.transformer import CausalLM
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ class ModelRunner:
             model.config, self.num_blocks, self.block_size, model.dtype, self.device, kv_bits
         )
         self.backend = make_backend(config.attention_backend, self.cache)
+        if config.sparse_linears is not None:
+            if self.device.type != "cpu":
+                raise ConfigError("--sparse-linears runs MKL's CSR products on CPU; leave it off on CUDA")
+            sparsify_linears_(model, config.sparse_linears)  # before the GEMV swap, which takes nn.Linear
         if self.device.type == "cpu" and config.cpu_gemv:
             use_decode_linears(model)
             fuse_projections(model)

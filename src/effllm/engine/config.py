@@ -14,6 +14,7 @@ import torch
 
 from effllm.core.errors import ConfigError
 from effllm.core.flags import add_dataclass_flags, given_fields, option
+from effllm.engine.structured.manager import BACKENDS as STRUCTURED_BACKENDS
 from effllm.kernels.kv_quant import KV_CACHE_DTYPES, kv_bits
 
 _UNITS = {
@@ -116,6 +117,12 @@ class EngineConfig:
     )
     seed: int = option(
         0, "seed of the engine's shared sampling generator (requests with a seed use their own)"
+    )
+    structured_outputs_backend: str = option(
+        "auto",
+        "what enforces structured outputs (JSON schema, regex, grammar, choice): xgrammar (pip install "
+        "'effllm[structured]'), builtin (choice only, no dependency) or auto (xgrammar when installed)",
+        choices=STRUCTURED_BACKENDS,
     )
     speculative_method: str | None = option(
         None,

@@ -31,6 +31,7 @@ from effllm.engine.scheduler import Scheduler, SchedulerOutput
 from effllm.engine.spec_decode.gate import SpeculationGate
 from effllm.engine.spec_decode.proposer import Proposer, propose_drafts
 from effllm.engine.spec_decode.registry import make_proposer
+from effllm.engine.structured.manager import StructuredOutputManager
 from effllm.models.checkpoint import load_model
 from effllm.models.hub import resolve_model_path
 from effllm.models.tokenizer import load_tokenizer
@@ -101,6 +102,13 @@ class LLMEngine:
         self._parent_of: dict[Request, ParentRequest] = {}
         eos = list(model.config.eos_token_ids) + list(getattr(tokenizer, "eos_token_ids", None) or [])
         self.eos_token_ids = frozenset(eos)
+        self.structured = StructuredOutputManager(
+            tokenizer,
+            model.config.vocab_size,
+            sorted(self.eos_token_ids),
+            self.config.structured_outputs_backend,
+        )
+        self.runner.structured = self.structured
         self.stats = EngineStats()
         self.proposer = proposer or make_proposer(self.config, self.runner, self.block_manager)
         self.gate = SpeculationGate() if self.config.speculative_adaptive else None
@@ -132,6 +140,10 @@ class LLMEngine:
             raise InputError(f"request id {request_id!r} is already in use; give each request its own id")
         text, ids = self._tokenize(prompt)
         self._validate(ids, params)
+        if params.structured is not None:
+            self.structured.compile(
+                params.structured
+            )  # a spec that cannot compile fails here, queueing nothing
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentRequest(request_id, text, ids, params, arrival_time)
         for i in range(params.n):
@@ -144,6 +156,8 @@ class LLMEngine:
                 seed,
                 arrival_time,
             )
+            if params.structured is not None:
+                request.grammar = self.structured.grammar_for(params.structured)
             if i and self.config.enable_prefix_caching:
                 request.wait_for = parent.samples[0].request  # then share its prompt blocks
             parent.samples.append(self.output_processor.new_sample(request))

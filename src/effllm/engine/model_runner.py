@@ -24,6 +24,7 @@ from effllm.engine.scheduler import SchedulerOutput
 from effllm.engine.skip_decode import SkipSchedule
 from effllm.engine.spec_decode.verify import accept_greedy
 from effllm.engine.step_layout import StepLayout, build_step_layout
+from effllm.engine.structured.manager import StructuredOutputManager
 from effllm.models.decode_linear import use_decode_linears
 from effllm.models.fused_projections import fuse_projections
 from effllm.models.sparse_linear import sparsify_linears_
@@ -63,6 +64,7 @@ class ModelRunner:
             use_decode_linears(model)
             fuse_projections(model)
         self.sampler = Sampler(self.device, config.seed)
+        self.structured: StructuredOutputManager | None = None  # set by the engine: masks constrained rows
         self.skip_schedule = (
             SkipSchedule.parse(config.skip_decode, model.config.num_hidden_layers)
             if config.skip_decode
@@ -122,6 +124,8 @@ class ModelRunner:
             hidden = hidden[torch.tensor(layout.sample_rows, dtype=torch.long, device=self.device)]
         rows = [r for r, n in zip(out.requests, out.num_tokens, strict=True) if r.samples_after(n)]
         logits = self.model.logits(hidden)
+        if self.structured is not None:
+            logits = self.structured.mask_logits(logits, rows)
         # Sampling requests with drafts are verified by rejection sampling on their own rows; every other row
         # (greedy drafts included, checked by accept_greedy) goes through the sampler in one batch.
         spans, start = {}, 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from effllm.engine.sampling_params import SamplingParams
+from effllm.engine.structured.grammar import Grammar
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Request:
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
             None if params.prompt_logprobs is None else [None] * len(prompt_token_ids)
         )
+        # With params.structured: this request's matcher, advanced by every token appended.
+        self.grammar: Grammar | None = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -120,6 +123,8 @@ class Request:
         self.draft_hidden = None
 
     def append_token(self, token_id: int, logprobs: dict[int, float] | None) -> None:
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            raise RuntimeError(f"token {token_id} breaks the request's structured-output constraint")
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from effllm.core.errors import InputError
+from effllm.engine.structured.spec import StructuredOutputs
 
 _INTS = ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs")
 _OPTIONAL = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
@@ -40,6 +42,9 @@ class SamplingParams:
     prompt_logprobs k returns, per prompt token after the first, its log-probability given the tokens
     before it and the k most likely there (computed in the prefill; such a prompt skips the prefix cache).
     max_tokens 0 (with prompt_logprobs) scores the prompt and generates nothing.
+    structured constrains the output (`StructuredOutputs`, or a dict of its fields: json_schema,
+    json_object, regex, grammar or choice); the output then ends when the constraint is complete, so it
+    does not combine with min_tokens or ignore_eos. Its logprobs are those of the constrained distribution.
     """
 
     n: int = 1
@@ -60,8 +65,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutputs | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        self.structured = StructuredOutputs.of(self.structured)
         self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -132,6 +139,10 @@ class SamplingParams:
                 f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}",
             ),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (
+                self.structured is None or (self.min_tokens == 0 and not self.ignore_eos),
+                "structured outputs end when the constraint is complete; drop min_tokens and ignore_eos",
+            ),
         ]
         for ok, message in checks:
             if not ok:

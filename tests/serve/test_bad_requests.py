@@ -104,14 +104,78 @@ CASES = [
         400,
         "messages",
     ),
-    ("tools", H, chat(tools=[{"type": "function", "function": {"name": "f"}}]), AUTH, 400, None),
+    ("tool_choice without tools", H, chat(tool_choice="required"), AUTH, 400, None),
     (
-        "json response_format",
+        "tool_choice naming an unknown tool",
         H,
-        chat(response_format={"type": "json_object"}),
+        chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
         AUTH,
         400,
-        "response_format.type",
+        None,
+    ),
+    (
+        "tool with a bad name",
+        H,
+        chat(tools=[{"type": "function", "function": {"name": "a b"}}]),
+        AUTH,
+        400,
+        None,
+    ),
+    (
+        "tool parameters with an unsupported keyword",
+        H,
+        chat(
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "minProperties": 1}},
+                }
+            ],
+            tool_choice="required",
+        ),
+        AUTH,
+        400,
+        None,
+    ),
+    ("unknown response_format", H, chat(response_format={"type": "yaml"}), AUTH, 400, "response_format.type"),
+    (
+        "json_schema format without its schema",
+        H,
+        chat(response_format={"type": "json_schema"}),
+        AUTH,
+        400,
+        None,
+    ),
+    ("two constraints", C, completion(regex="a+", choice=["a"]), AUTH, 400, None),
+    ("regex that cannot compile", C, completion(regex="(a"), AUTH, 400, None),
+    ("grammar that cannot compile", C, completion(grammar="root ::= nothing"), AUTH, 400, None),
+    (
+        "schema with an unsupported keyword",
+        H,
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "integer", "multipleOf": 2}},
+            }
+        ),
+        AUTH,
+        400,
+        None,
+    ),
+    ("empty choice", C, completion(choice=[]), AUTH, 400, "choice"),
+    ("embeddings with dimensions", "/v1/embeddings", {"input": "a", "dimensions": 8}, AUTH, 400, None),
+    ("embeddings of nothing", "/v1/embeddings", {"input": []}, AUTH, 400, "input"),
+    ("embeddings over the context", "/v1/embeddings", {"input": "y" * 2000}, AUTH, 400, "input"),
+    (
+        "embeddings with unknown pooling",
+        "/v1/embeddings",
+        {"input": "a", "pooling": "max"},
+        AUTH,
+        400,
+        "pooling",
     ),
     (
         "template kwargs overriding messages",
@@ -128,7 +192,7 @@ CASES = [
     ("wrong key on models", "/v1/models", None, {"Authorization": "Bearer nope"}, 401, None),
     ("detokenize beyond the vocabulary", "/detokenize", {"tokens": [10**9]}, AUTH, 400, "tokens"),
     ("tokenize with prompt and messages", "/tokenize", {"prompt": "a", "messages": CHAT}, AUTH, 400, None),
-    ("unknown route", "/v1/embeddings", completion(), AUTH, 404, None),
+    ("unknown route", "/v1/moderations", completion(), AUTH, 404, None),
     # A lone UTF-16 surrogate, JSON-escaped (it cannot be sent as UTF-8), wherever text enters.
     ("surrogate in the prompt", C, raw(b'{"prompt": "a\\ud800b", "max_tokens": 2}'), AUTH, 400, "prompt"),
     (

@@ -12,12 +12,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from effllm.serve.app import build_app
-from effllm.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from effllm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from tests.serve.conftest import MODEL_NAME
 
 ROUTES = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
 }
@@ -54,6 +61,28 @@ def bodies(draw):
     names = fields(ROUTES[path])
     body = draw(st.dictionaries(st.sampled_from(names + ["unexpected"]), VALUES, max_size=5))
     body.setdefault("model", MODEL_NAME)
+    if "regex" in names and draw(st.booleans()):  # constraints that reach the grammar compiler
+        body.update(
+            draw(
+                st.one_of(
+                    st.fixed_dictionaries({"regex": TEXT}),
+                    st.fixed_dictionaries({"grammar": st.one_of(TEXT, TEXT.map(lambda t: f"root ::= {t}"))}),
+                    st.fixed_dictionaries({"choice": st.lists(TEXT, max_size=3)}),
+                    st.fixed_dictionaries(
+                        {
+                            "response_format": st.fixed_dictionaries(
+                                {
+                                    "type": st.just("json_schema"),
+                                    "json_schema": st.fixed_dictionaries(
+                                        {"name": st.just("n"), "schema": VALUES}
+                                    ),
+                                }
+                            )
+                        }
+                    ),
+                )
+            )
+        )
     if draw(st.booleans()) and "max_tokens" in names:
         body["max_tokens"] = draw(st.integers(-2, 8))
     for key in (

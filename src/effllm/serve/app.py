@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP app: `build_app(engine, ...)` returns a FastAPI app over an `LLMEngine`.
 
-Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models[/{id}]`, `POST /tokenize`,
-`POST /detokenize` (these need the API key when one is set), and `GET /health`, `/version`, `/metrics`
+Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `POST /v1/embeddings`,
+`GET /v1/models[/{id}]`, `POST /tokenize`, `POST /detokenize` (these need the API key when one is set), and `GET /health`, `/version`, `/metrics`
 (these never do). Every error is OpenAI's JSON shape; bodies are parsed by hand so that malformed JSON,
 a wrong type or an oversized body is a 400/413 that names the problem, never a crash.
 """
@@ -28,6 +28,7 @@ from effllm.core.errors import ConfigError, EffLLMError
 from effllm.core.text import invalid_text_path
 from effllm.serve.async_engine import AsyncEngine
 from effllm.serve.completions import CLIENT_CLOSED, Served, create_chat_completion, create_completion
+from effllm.serve.embeddings import create_embeddings
 from effllm.serve.errors import (
     APIError,
     AuthenticationError,
@@ -42,6 +43,7 @@ from effllm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -170,6 +172,12 @@ def _api_routes(served: Served, names: list[str], model_root: str | None) -> API
         body = await parse_body(request, ChatCompletionRequest)
         check_model(body.model)
         return await create_chat_completion(served, body, request)
+
+    @router.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await parse_body(request, EmbeddingRequest)
+        check_model(body.model)
+        return await create_embeddings(served, body)
 
     @router.post("/tokenize")
     async def tokenize(request: Request) -> dict:

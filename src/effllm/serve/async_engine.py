@@ -41,6 +41,15 @@ class _Stream:
     unfinished: set[str] = field(default_factory=set)
 
 
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 class RequestStream:
     """The outputs of one submitted request: iterate `(prompt_index, RequestOutput)` until all finish.
 
@@ -144,6 +153,13 @@ class AsyncEngine:
         self._send(("stop",))
         await asyncio.to_thread(self._thread.join)
         self.abort_all()
+        with self._wakeup:  # model calls queued behind the stop never ran
+            left = [c for c in self._commands if c[0] == "call"]
+            self._commands.clear()
+        for _, _, future in left:
+            _settle(
+                future, None, ServerUnavailableError("the server is shutting down; the request was aborted")
+            )
         self._thread, self._stopping = None, False
 
     def abort_all(self) -> None:
@@ -174,6 +190,17 @@ class AsyncEngine:
             self._send(("add", rid, ids, params))
         self._num_queued += 1
         return RequestStream(self, stream, self.request_timeout)
+
+    async def run(self, fn: Any) -> Any:
+        """`fn()` on the engine thread between two steps (work that uses the model, e.g. embeddings)."""
+        if not self.healthy:
+            raise ServerUnavailableError(
+                "the engine is not running (it failed or is shutting down); retry later"
+            )
+        self.start()
+        future = self._loop.create_future()
+        self._send(("call", fn, future))
+        return await future
 
     def num_requests(self) -> tuple[int, int]:
         """(running, waiting) sequences: the engine's, plus adds not yet handed to it."""
@@ -247,6 +274,14 @@ class AsyncEngine:
         return commands
 
     def _apply(self, command: tuple) -> None:
+        if command[0] == "call":
+            _, fn, future = command
+            try:
+                result, error = fn(), None
+            except Exception as e:  # the caller's error, not the engine's
+                result, error = None, e
+            self._loop.call_soon_threadsafe(_settle, future, result, error)
+            return
         if command[0] == "abort":
             self.engine.abort(command[1])
             self._live.difference_update(command[1])

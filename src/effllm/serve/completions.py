@@ -40,11 +40,24 @@ from effllm.serve.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    NamedToolChoice,
     SamplingFields,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
+)
+from effllm.serve.tools import (
+    AutoToolStream,
+    new_call_id,
+    parse_auto,
+    parse_required,
+    template_tools,
+    tool_constraint,
+    tools_system_message,
 )
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; only the request log sees it
@@ -82,7 +95,11 @@ class Served:
 
 
 def sampling_params(
-    req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    req: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    structured: dict | None = None,
 ) -> SamplingParams:
     """The engine's parameters for a request (OpenAI's defaults where it leaves a field out)."""
     return SamplingParams(
@@ -104,7 +121,15 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        structured=structured,
     )
+
+
+async def compile_constraint(served: Served, params: SamplingParams) -> None:
+    """Compile the request's constraint on a worker thread, so the engine loop finds it cached (a spec
+    that cannot compile is a 400 here)."""
+    if params.structured is not None:
+        await asyncio.to_thread(served.engine.engine.structured.compile, params.structured)
 
 
 def check_prompt(served: Served, ids: list[int], max_tokens: int | None, param: str) -> None:
@@ -142,15 +167,28 @@ def chat_prompt(served: Served, req: ChatCompletionRequest) -> list[int]:
     reserved = _RESERVED_TEMPLATE_KEYS & kwargs.keys()
     if reserved:
         raise APIError(f"chat_template_kwargs may not set {sorted(reserved)}", param="chat_template_kwargs")
+    messages, tools = req.chat_messages(), template_tools(req)
+    if tools and "tools" not in json.dumps(served.tokenizer.chat_template):
+        messages = _with_system(messages, tools_system_message(tools)["content"])
+        tools = None
     text = served.tokenizer.apply_chat_template(
-        req.chat_messages(),
+        messages,
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
+        tools=tools,
         **kwargs,
     )
     ids = served.tokenizer.encode(text, add_special_tokens=False)
     check_prompt(served, ids, req.max_new_tokens(), "messages")
     return ids
+
+
+def _with_system(messages: list[dict], text: str) -> list[dict]:
+    """`text` added to the first system message, or as a new one before the others."""
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 # ---------------------------------------------------------------- logprobs
@@ -350,7 +388,8 @@ async def create_completion(served: Served, req: CompletionRequest, request: Req
     # echo with logprobs scores the prompt too (lm-evaluation-harness's log-likelihoods); max_tokens 0 needs it.
     scores_prompt = req.echo and (req.logprobs is not None or req.max_tokens == 0)
     prompt_logprobs = (req.logprobs or 0) if scores_prompt else None
-    params = sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
+    params = sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs, req.structured())
+    await compile_constraint(served, params)
     stream = served.engine.submit(prompts, params)
     rid, created, usage = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _UsageCount()
     record_usage(request, usage)
@@ -449,7 +488,10 @@ async def _completion_chunks(
 async def create_chat_completion(served: Served, req: ChatCompletionRequest, request: Request) -> Response:
     prompt = chat_prompt(served, req)
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, req.max_new_tokens(), top)
+    params = sampling_params(
+        req, req.max_new_tokens(), top, structured=req.structured() or tool_constraint(req)
+    )
+    await compile_constraint(served, params)
     stream = served.engine.submit([prompt], params)
     rid, created, usage = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _UsageCount()
     record_usage(request, usage)
@@ -471,12 +513,13 @@ async def create_chat_completion(served: Served, req: ChatCompletionRequest, req
         logprobs = (
             chat_logprobs(served.tokens, c.token_ids, c.logprobs or [], top) if top is not None else None
         )
+        message, finish_reason = chat_message(req, c.text, c.finish_reason)
         choices.append(
             ChatChoice(
                 index=c.index,
-                message=ChatMessageOut(content=c.text),
+                message=message,
                 logprobs=logprobs,
-                finish_reason=c.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=c.stop_reason,
             )
         )
@@ -484,6 +527,85 @@ async def create_chat_completion(served: Served, req: ChatCompletionRequest, req
         id=rid, created=created, model=served.model_name, choices=choices, usage=usage.usage()
     )
     return JSONResponse(body.model_dump())
+
+
+def chat_message(req: ChatCompletionRequest, text: str, finish_reason: str | None):
+    """The assistant message of one choice, with tool calls read from its text, and its finish reason."""
+    if not req.uses_tools:
+        return ChatMessageOut(content=text), finish_reason
+    choice = req.effective_tool_choice
+    if isinstance(choice, NamedToolChoice):
+        if finish_reason != "stop":  # cut off: the arguments are incomplete, return them as text
+            return ChatMessageOut(content=text), finish_reason
+        calls = [ToolCall(id=new_call_id(), function={"name": choice.function.name, "arguments": text})]
+        return ChatMessageOut(content=None, tool_calls=calls), "stop"
+    if choice == "required":
+        calls = parse_required(text)
+    else:
+        content, calls = parse_auto(text, {t.function.name for t in req.tools})
+        if calls:
+            return ChatMessageOut(content=content, tool_calls=calls), _calls_finish(finish_reason)
+    if not calls:
+        return ChatMessageOut(content=text), finish_reason
+    return ChatMessageOut(content=None, tool_calls=calls), _calls_finish(finish_reason)
+
+
+def _calls_finish(finish_reason: str | None) -> str | None:
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def _delta_calls(calls: list[ToolCall]) -> list[DeltaToolCall]:
+    return [
+        DeltaToolCall(
+            index=i,
+            id=c.id,
+            type="function",
+            function=DeltaFunctionCall(name=c.function.name, arguments=c.function.arguments),
+        )
+        for i, c in enumerate(calls)
+    ]
+
+
+class _ChoiceStream:
+    """One streamed choice of a chat request with tools: turns its text deltas into content and
+    tool-call deltas by the request's tool choice (module `tools` has the rules)."""
+
+    def __init__(self, req: ChatCompletionRequest):
+        self.req = req
+        self.choice = req.effective_tool_choice
+        self.auto = AutoToolStream({t.function.name for t in req.tools}) if self.choice == "auto" else None
+        self.text = ""
+        self.call_id: str | None = None
+
+    def delta(self, text: str, finish_reason: str | None) -> tuple[DeltaMessage, str | None]:
+        self.text += text
+        if isinstance(self.choice, NamedToolChoice):
+            if self.call_id is None:
+                self.call_id = new_call_id()
+                call = DeltaToolCall(
+                    index=0,
+                    id=self.call_id,
+                    type="function",
+                    function=DeltaFunctionCall(name=self.choice.function.name, arguments=text),
+                )
+            else:
+                call = DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))
+            return DeltaMessage(tool_calls=[call] if text or call.id else None), finish_reason
+        if self.auto is not None:
+            content = self.auto.feed(text)
+            if finish_reason is None:
+                return DeltaMessage(content=content or None), None
+            rest, calls = self.auto.finish()
+            content += rest
+            delta = DeltaMessage(content=content or None, tool_calls=_delta_calls(calls) or None)
+            return delta, _calls_finish(finish_reason) if calls else finish_reason
+        # required: the array is parsed once it is complete
+        if finish_reason is None:
+            return DeltaMessage(), None
+        calls = parse_required(self.text)
+        if not calls:
+            return DeltaMessage(content=self.text or None), finish_reason
+        return DeltaMessage(tool_calls=_delta_calls(calls)), _calls_finish(finish_reason)
 
 
 async def _chat_chunks(
@@ -504,6 +626,7 @@ async def _chat_chunks(
         [ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(req.n)]
     )
     done: set[int] = set()
+    tools = {j: _ChoiceStream(req) for j in range(req.n)} if req.uses_tools else None
     async for _, out in stream:
         choices = []
         for c in out.outputs:
@@ -514,13 +637,14 @@ async def _chat_chunks(
                 logprobs = chat_logprobs(served.tokens, c.delta_token_ids, _new_logprobs(c), top)
             if c.finished:
                 done.add(c.index)
-            if c.delta_text or logprobs or c.finished:
+            if tools is None:
+                delta, finish_reason = DeltaMessage(content=c.delta_text or None), c.finish_reason
+            else:
+                delta, finish_reason = tools[c.index].delta(c.delta_text, c.finish_reason)
+            if delta.content or delta.tool_calls or logprobs or c.finished:
                 choices.append(
                     ChatChunkChoice(
-                        index=c.index,
-                        delta=DeltaMessage(content=c.delta_text or None),
-                        logprobs=logprobs,
-                        finish_reason=c.finish_reason,
+                        index=c.index, delta=delta, logprobs=logprobs, finish_reason=finish_reason
                     )
                 )
         usage.observe(out)

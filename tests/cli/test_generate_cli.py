@@ -108,3 +108,25 @@ def test_stop_string_ends_the_streamed_text_where_it_begins(tiny, capsys):
     stop = full[3:5]
     assert main(["generate", "Hello", "--model", str(tiny), "--max-tokens", "12", "--stop", stop]) == 0
     assert capsys.readouterr().out.rstrip("\n") == full[: full.find(stop)]
+
+
+def test_generate_with_each_constraint(capsys, tmp_path):
+    pytest.importorskip("xgrammar")
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps({"type": "object", "properties": {"n": {"enum": ["Emma", "Anne"]}}, "required": ["n"]})
+    )
+    runs = [
+        (["--json-schema", str(schema)], lambda out: json.loads(out)["n"] in ("Emma", "Anne")),
+        (["--regex", "[a-z]{2,5}!"], lambda out: len(out) <= 6 and out.endswith("!")),
+        (["--choice", "yes", "--choice", "no"], lambda out: out in ("yes", "no")),
+        (["--grammar", 'root ::= "(" [a-c]+ ")"'], lambda out: out.startswith("(")),
+    ]
+    for flags, ok in runs:
+        assert main(["generate", "It was", "--max-tokens", "24", *flags]) == 0
+        out = capsys.readouterr().out.strip()
+        assert ok(out), (flags, out)
+    err = _one_line_error(capsys, ["generate", "It was", "--regex", "(a"])
+    assert "could not be compiled" in err and "regex_converter" not in err
+    with pytest.raises(SystemExit):  # argparse: the constraint flags exclude each other
+        main(["generate", "It was", "--regex", "a", "--choice", "b"])

@@ -236,3 +236,15 @@ def test_tokenizer_info_matches_xgrammars_reading_of_transformers_tokenizers(tmp
         assert mine.vocab_type == reference.vocab_type
         assert mine.add_prefix_space == reference.add_prefix_space
         assert mine.decoded_vocab == reference.decoded_vocab
+
+
+def test_llm_embed_pools_the_final_hidden_states(llm):
+    from effllm.engine.embeddings import embed
+
+    model, tokenizer = llm.engine.model, llm.engine.tokenizer
+    got = llm.embed(["It was", {"prompt_token_ids": [5, 6, 7]}], pooling="last")
+    hidden = model.hidden_states(torch.tensor([tokenizer.encode("It was")]))[0, -1]
+    torch.testing.assert_close(got[0], torch.nn.functional.normalize(hidden, dim=-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], embed(model, [[5, 6, 7]], "last")[0])
+    with pytest.raises(InputError, match="pooling"):
+        llm.embed("It was", pooling="max")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from effllm.core.errors import InputError
 from effllm.core.text import check_text
@@ -34,6 +35,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chat", action="store_true", help="wrap the prompt as a user message in the chat template"
     )
     p.add_argument("--system", default=None, help="system message for --chat")
+    constraint = p.add_argument_group(
+        "structured output (one of these; JSON schema, regex and grammar need pip install 'effllm[structured]')"
+    ).add_mutually_exclusive_group()
+    constraint.add_argument(
+        "--json-schema", default=None, metavar="FILE|JSON", help="the output is JSON valid under this schema"
+    )
+    constraint.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    constraint.add_argument("--regex", default=None, help="the output matches this regular expression")
+    constraint.add_argument(
+        "--grammar",
+        default=None,
+        metavar="FILE|TEXT",
+        help="the output follows this EBNF (::=) or Lark grammar",
+    )
+    constraint.add_argument(
+        "--choice", action="append", default=None, help="the output is one of these strings (repeatable)"
+    )
     add_engine_flags(p.add_argument_group("engine options (EngineConfig fields)"), exclude=ENGINE_EXCLUDED)
     p.set_defaults(func=run)
 
@@ -54,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=list(args.stop),
+        structured=_constraint(args),
     )
     engine = LLMEngine.from_pretrained(model_or_default(args.model), **engine_options(args, ENGINE_EXCLUDED))
     tokenizer = engine.tokenizer
@@ -75,6 +94,29 @@ def run(args: argparse.Namespace) -> int:
             _write(output.outputs[0].delta_text)
     _write("\n")
     return 0
+
+
+def _constraint(args: argparse.Namespace) -> dict | None:
+    """The --json-schema/--json-object/--regex/--grammar/--choice constraint (a file's text for FILE)."""
+    if args.json_schema is not None:
+        return {"json_schema": _file_or_text(args.json_schema)}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.grammar is not None:
+        return {"grammar": _file_or_text(args.grammar)}
+    if args.choice is not None:
+        return {"choice": args.choice}
+    return None
+
+
+def _file_or_text(value: str) -> str:
+    path = Path(value)
+    try:
+        return path.read_text() if path.is_file() else value
+    except OSError as e:
+        raise InputError(f"cannot read {value}: {e.strerror}") from None
 
 
 def _write(text: str) -> None:

@@ -13,9 +13,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from effllm.core.errors import InputError
+from effllm.engine.embeddings import embed
 from effllm.engine.llm_engine import PromptType, make_engine
 from effllm.engine.outputs import RequestOutput
 from effllm.engine.sampling_params import SamplingParams
@@ -67,6 +69,15 @@ class LLM:
                 return self._run(ids, use_tqdm)
             finally:  # on any error (a bad prompt, a failed step, Ctrl-C) none of this call's requests stays queued
                 self.engine.abort(ids)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], pooling: str = "mean") -> torch.Tensor:
+        """Unit vectors [len(prompts), hidden]: each prompt's final hidden states pooled (`mean` or `last`
+        token; `effllm.engine.embeddings`)."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.engine.tokenize(p)[1] for p in prompts]
+        with self._lock:
+            return embed(self.engine.model, ids, pooling)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

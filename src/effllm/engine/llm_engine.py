@@ -138,7 +138,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.parents:
             raise InputError(f"request id {request_id!r} is already in use; give each request its own id")
-        text, ids = self._tokenize(prompt)
+        text, ids = self.tokenize(prompt)
         self._validate(ids, params)
         if params.structured is not None:
             self.structured.compile(
@@ -254,7 +254,8 @@ class LLMEngine:
         return outputs
 
     # ------------------------------------------------------------------ input checks
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt in any accepted form."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]

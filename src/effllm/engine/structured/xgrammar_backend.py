@@ -10,6 +10,7 @@ vocabulary: ids past the tokenizer's (padding rows of the embedding) are empty t
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from effllm.core.errors import ConfigError, InputError
 from effllm.engine.structured.grammar import Grammar
 from effllm.engine.structured.spec import StructuredOutputs
 
+_LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
 # JSON Schema keywords xgrammar would ignore (so the output could break them): refused up front, as vLLM does.
 UNSUPPORTED_KEYWORDS = (
     "multipleOf",
@@ -157,6 +159,7 @@ class XGrammarCompiler:
             raise
         except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with a parser message
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = _LOG_PREFIX.sub("", first)  # xgrammar's "[hh:mm:ss] file.cc:line: " prefix
             raise InputError(f"the {kind.replace('_', ' ')} could not be compiled: {first}") from None
         raise InputError(f"the xgrammar backend does not compile {kind} constraints")
 

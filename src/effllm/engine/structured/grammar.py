@@ -10,6 +10,7 @@ good. The sampler sets every disallowed logit to -inf before penalties and tempe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -33,6 +34,23 @@ class Grammar(ABC):
     @abstractmethod
     def is_terminated(self) -> bool:
         """Whether an end token was accepted (the output is complete)."""
+
+
+class Constraint(ABC):
+    """A constraint defined in Python (`StructuredOutputs(constraint=...)`, e.g. SELP's plan automaton):
+    compiled once per distinct `key()` for a model's tokenizer, then one `matcher` per request."""
+
+    @abstractmethod
+    def key(self) -> str:
+        """What identifies the compiled form (equal keys share it)."""
+
+    @abstractmethod
+    def compile(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
+        """Whatever the matchers need, built from the tokenizer (runs once per key)."""
+
+    @abstractmethod
+    def matcher(self, compiled: Any) -> Grammar:
+        """A fresh matcher for one request."""
 
 
 def bitmask_words(vocab_size: int) -> int:

@@ -72,6 +72,8 @@ class StructuredOutputManager:
         return compiled
 
     def _compile(self, spec: StructuredOutputs) -> Any:
+        if spec.kind == "constraint":
+            return spec.constraint.compile(self.tokenizer, self.vocab_size, self.stop_token_ids)
         if spec.kind == "choice":
             encode = self.tokenizer.encode
             return TokenTrie(encode(c, add_special_tokens=False) for c in spec.choice)
@@ -93,6 +95,8 @@ class StructuredOutputManager:
     def grammar_for(self, spec: StructuredOutputs) -> Grammar:
         """A fresh matcher for one request."""
         compiled = self.compile(spec)
+        if spec.kind == "constraint":
+            return spec.constraint.matcher(compiled)
         if isinstance(compiled, TokenTrie):
             return ChoiceGrammar(compiled, self.stop_token_ids)
         return self._xgrammar_compiler().matcher(compiled)

@@ -7,7 +7,8 @@
 Exactly one kind per request (vLLM's and OpenAI's rule): `json_schema` (a JSON Schema as a dict or JSON
 text), `json_object` (any JSON object, OpenAI's `response_format: json_object`), `regex`, `grammar` (EBNF
 in xgrammar's GBNF dialect when it holds `::=`, else Lark) or `choice` (the output is one of the
-strings). `any_whitespace` lets JSON put any whitespace between tokens; off by default, because a model
+strings), or, from Python, `constraint`: a `Constraint` object of one's own (SELP's plan automaton is
+one). `any_whitespace` lets JSON put any whitespace between tokens; off by default, because a model
 that is unsure loops on whitespace (it is valid JSON either way). `key()` identifies the compiled grammar
 the request needs, so equal specs compile once.
 """
@@ -19,8 +20,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from effllm.core.errors import InputError
+from effllm.engine.structured.grammar import Constraint
 
-KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+KINDS = ("json_schema", "json_object", "regex", "grammar", "choice", "constraint")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class StructuredOutputs:
     regex: str | None = None
     grammar: str | None = None
     choice: tuple[str, ...] | None = None
+    constraint: Constraint | None = None
     any_whitespace: bool = False
 
     def __post_init__(self) -> None:
@@ -50,6 +53,8 @@ class StructuredOutputs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InputError(f"{name} must be a non-empty string, got {value!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise InputError(f"constraint must be a Constraint, not {type(self.constraint).__name__}")
         if not isinstance(self.json_object, bool) or not isinstance(self.any_whitespace, bool):
             raise InputError("json_object and any_whitespace must be true or false")
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]
@@ -81,5 +86,7 @@ class StructuredOutputs:
     def key(self) -> tuple[str, str, bool]:
         """What identifies the compiled grammar: kind, canonical spec text, whitespace flag."""
         value = getattr(self, self.kind)
+        if self.kind == "constraint":
+            return self.kind, f"{type(value).__qualname__}:{value.key()}", False
         text = json.dumps(value, sort_keys=True) if self.kind in ("json_schema", "choice") else str(value)
         return self.kind, text, self.any_whitespace

@@ -1,0 +1,1 @@
+"""Applications built on the engine's public interfaces (a layer above `engine`, beside `serve`)."""

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from effllm.bench import kv_cache, latency, skip_decode, spec_decode, throughput
+from effllm.bench import kv_cache, latency, skip_decode, spec_decode, structured, throughput
 from effllm.models.default import default_model_path
 
 
@@ -153,3 +153,17 @@ def test_bench_clis_print_json(capsys):
         assert module.main(parser.parse_args(argv)) == 0
         result = json.loads(capsys.readouterr().out)
         assert "effllm" in result.get("batch1", result)
+
+
+def test_structured_bench_measures_each_constraint_against_plain():
+    import pytest
+
+    pytest.importorskip("xgrammar")
+    result = structured.run_structured(None, prompts=1, new_tokens=6, concurrent=2, reps=1)
+    assert set(result["batch1"]) == {"plain", "json_schema", "regex"}
+    assert all(v["decode_tokens_per_s"] > 0 for v in result["batch1"].values())
+    assert (
+        result["batch1"]["plain"]["vs_plain"] == 1
+        and result["throughput"]["regex"]["output_tokens_per_s"] > 0
+    )
+    assert result["mask_us_per_step_batch1"] > 0

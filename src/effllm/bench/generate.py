@@ -16,7 +16,7 @@ import torch
 
 from effllm.analyze.hardware import Hardware, get_hardware, measure_hardware
 from effllm.analyze.roofline import roofline_fraction
-from effllm.bench.peers.run import PEERS, run_peer_script
+from effllm.bench.peers.run import PEERS, peer_python, run_peer_script
 from effllm.bench.shapes import add_engine_args, add_model_args, bench_checkpoint, engine_args
 from effllm.core.errors import ConfigError
 from effllm.engine import EngineConfig, LLMEngine, SamplingParams
@@ -99,13 +99,14 @@ def run_generate_bench(
     reps: int = 3,
     peers: bool | list[str] = True,
     hardware: str | Hardware | None = None,
-    peer_python: str | None = None,
+    peer_pythons: str | None = None,
     **engine_options,
 ) -> dict:
     """Measure effllm and its peers side by side; `hardware` None measures this machine in the run.
 
     peers: True for transformers, False for none, or names from PEERS; a peer other than transformers runs
-    its script (bench/peers/) with `peer_python`, the python of the venv it was installed in.
+    its script (bench/peers/) with the python of the venv it was installed in (`peer_pythons`: one path, or
+    NAME=PATH pairs).
     """
     peers = ["transformers"] if peers is True else list(peers or [])
     unknown = sorted(set(peers) - set(PEERS))
@@ -136,8 +137,9 @@ def run_generate_bench(
         del model
         for name in peers:
             if name != "transformers":
+                python = peer_python(peer_pythons, name)
                 result[name] = run_peer_script(
-                    PEERS[name], peer_python, model_path, dtype, prompt_tokens, new_tokens, reps
+                    PEERS[name], python, model_path, dtype, prompt_tokens, new_tokens, reps
                 )
                 for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
                     result[f"{key.split('_')[0]}_speedup_vs_{name}"] = round(
@@ -174,7 +176,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peer-python",
         default=None,
-        help="the python of the venv a non-transformers peer is installed in (scripts/peers/)",
+        help="the python of the venv a non-transformers peer is installed in (scripts/peers/): one PATH, or "
+        "NAME=PATH pairs separated by commas",
     )
     parser.add_argument(
         "--hardware",

@@ -1,22 +1,29 @@
-"""`effllm bench throughput`: offline throughput of the engine beside transformers' `generate`.
+"""`effllm bench throughput`: offline throughput of the engine beside transformers' and vLLM's.
 
 Many requests (random prompts of mixed lengths, a fixed number of output tokens, EOS ignored) are
-submitted at once to `LLM.generate` (continuous batching, chunked prefill, paged KV cache). The peer
-is transformers' greedy `generate` over the same prompts in left-padded batches of a fixed size, on
-the same weights, in the same process, right after. Both report output tokens over wall time.
+submitted at once to `LLM.generate` (continuous batching, chunked prefill, paged KV cache). Peers, on the
+same weights and prompts, right after: transformers' greedy `generate` in left-padded batches of a fixed
+size (in this process), and vLLM's CPU build (`--peers vllm`: its offline `LLM.generate` with its default
+scheduler, in its own venv through `bench/peers/vllm_runner.py`). All report output tokens over wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from effllm.bench.peers.run import PEERS, peer_python, run_peer_script
 from effllm.bench.shapes import add_engine_args, add_model_args, bench_checkpoint, engine_args
+from effllm.core.errors import ConfigError
 from effllm.engine import LLM, SamplingParams
 from effllm.models import CausalLM, load_model
+
+THROUGHPUT_PEERS = ("transformers", "vllm")
 
 
 def random_prompts(num: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -95,11 +102,19 @@ def run_throughput(
     input_len_max: int = 512,
     output_len: int = 128,
     hf_batch_size: int = 8,
-    peers: bool = True,
+    peers: bool | list[str] = True,
     seed: int = 0,
+    peer_pythons: str | None = None,
     **engine_options,
 ) -> dict:
-    """Offline throughput of effllm (and transformers on the same prompts and weights)."""
+    """Offline throughput of effllm and its peers on the same prompts and weights (peers: True for
+    transformers, False for none, or names from THROUGHPUT_PEERS)."""
+    peers = ["transformers"] if peers is True else list(peers or [])
+    unknown = sorted(set(peers) - set(THROUGHPUT_PEERS))
+    if unknown:
+        raise ConfigError(
+            f"unknown throughput peer {unknown[0]!r}; choose from {', '.join(THROUGHPUT_PEERS)}"
+        )
     torch.manual_seed(seed)
     with bench_checkpoint(model_path, shape, dtype) as (model_path, label):
         model = load_model(model_path, dtype=dtype, device=engine_options.get("device"))
@@ -116,7 +131,24 @@ def run_throughput(
             "effllm": run_effllm(model, prompts, output_len, **engine_options),
         }
         del model
-        if peers:
+        if "vllm" in peers:
+            with tempfile.TemporaryDirectory() as tmp:
+                file = Path(tmp) / "prompts.json"
+                file.write_text(json.dumps(prompts))
+                result["vllm"] = run_peer_script(
+                    PEERS["vllm"],
+                    peer_python(peer_pythons, "vllm"),
+                    model_path,
+                    dtype,
+                    0,
+                    output_len,
+                    1,
+                    extra_args=("--prompts", str(file)),
+                )
+            result["speedup_vs_vllm"] = round(
+                result["effllm"]["output_tokens_per_s"] / result["vllm"]["output_tokens_per_s"], 3
+            )
+        if "transformers" in peers:
             from transformers import AutoModelForCausalLM
 
             hf = (
@@ -140,7 +172,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len-max", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch-size", type=int, default=8, help="transformers' padded batch size")
-    parser.add_argument("--no-peers", action="store_true", help="skip transformers")
+    parser.add_argument("--no-peers", action="store_true", help="measure effllm alone")
+    parser.add_argument(
+        "--peers",
+        default="transformers",
+        help=f"comma-separated peers: {', '.join(THROUGHPUT_PEERS)} (default transformers)",
+    )
+    parser.add_argument(
+        "--peer-python",
+        default=None,
+        help="the python of vLLM's venv (scripts/peers/install_vllm_cpu.sh), or NAME=PATH pairs",
+    )
     add_engine_args(parser)
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
@@ -155,7 +197,8 @@ def main(args: argparse.Namespace) -> int:
         args.input_len_max,
         args.output_len,
         args.hf_batch_size,
-        not args.no_peers,
+        [] if args.no_peers else [p.strip() for p in args.peers.split(",") if p.strip()],
+        peer_pythons=args.peer_python,
         **engine_args(args),
     )
     if args.json:
@@ -165,15 +208,16 @@ def main(args: argparse.Namespace) -> int:
         f"{result['model']} {args.dtype}: {args.num_requests} requests, prompts {args.input_len_min}-"
         f"{args.input_len_max} tokens, {args.output_len} output tokens each"
     )
-    for name in ("effllm", "transformers"):
+    for name in ("effllm", *THROUGHPUT_PEERS):
         if name in result:
             r = result[name]
             print(
                 f"  {name:13s} {r['output_tokens_per_s']:8.1f} output tok/s  {r['total_tokens_per_s']:8.1f} total tok/s"
                 f"  {r['requests_per_s']:6.3f} req/s  ({r['elapsed_s']:.1f} s)"
             )
-    if "speedup_vs_transformers" in result:
-        print(f"  speedup vs transformers: {result['speedup_vs_transformers']:.2f}x")
+    for name in THROUGHPUT_PEERS:
+        if f"speedup_vs_{name}" in result:
+            print(f"  speedup vs {name}: {result[f'speedup_vs_{name}']:.2f}x")
     return 0
 
 

@@ -22,6 +22,10 @@ BENCHES = {
         "effllm.bench.skip_decode",
         "SkipDecode's exit schedules: decode speed and perplexity cost against full depth",
     ),
+    "structured": (
+        "effllm.bench.structured",
+        "structured outputs (JSON schema, regex) against unconstrained decoding, batch 1 and batched",
+    ),
     "sparse-matmul": (
         "effllm.bench.sparse_matmul",
         "a pruned linear as a CSR sparse product against the dense one, per sparsity and batch rows",

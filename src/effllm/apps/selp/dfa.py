@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from effllm.apps.selp.ltl import And, Binary, Const, Lit, Or, Unary, parse_ltl
 from effllm.core.errors import InputError
 
+
 @dataclass(frozen=True)
 class Marker:
     """END or MORE: whether the plan stops after the steps progressed so far."""

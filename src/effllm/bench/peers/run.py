@@ -12,7 +12,19 @@ import torch
 from effllm.core.errors import ConfigError
 
 # name -> the script (in this folder) that measures it; transformers runs in-process (bench/generate.py).
-PEERS = {"transformers": None, "llama.cpp": "llama_cpp_runner.py"}
+PEERS = {"transformers": None, "llama.cpp": "llama_cpp_runner.py", "vllm": "vllm_runner.py"}
+
+
+def peer_python(spec: str | None, name: str) -> str | None:
+    """The python to run peer `name` with, from `--peer-python`: one PATH for every peer, or
+    NAME=PATH pairs separated by commas (e.g. llama.cpp=.peers/llama.cpp/bin/python,vllm=.peers/vllm/bin/python)."""
+    if not spec or "=" not in spec:
+        return spec
+    pairs = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
+    unknown = sorted(set(pairs) - set(PEERS))
+    if unknown:
+        raise ConfigError(f"--peer-python names {unknown[0]!r}, which is not a peer ({', '.join(PEERS)})")
+    return pairs.get(name)
 
 
 def run_peer_script(
@@ -26,7 +38,8 @@ def run_peer_script(
     timeout: float = 1800,
     extra_args: tuple[str, ...] = (),
 ) -> dict:
-    """Batch-1 prefill/decode of a peer on the HF folder `model`, by its script run with `python`."""
+    """A peer's measurement on the HF folder `model` (batch-1 prefill/decode, or what `extra_args` ask
+    for), by its script run with `python`."""
     cmd = [
         python or sys.executable,
         str(Path(__file__).parent / script),

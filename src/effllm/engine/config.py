@@ -109,6 +109,16 @@ class EngineConfig:
     cpu_gemv: bool = option(
         True, "on CPU, run decode-sized linear layers through EffLLM's GEMV kernel instead of F.linear"
     )
+    cpu_fused_decode: int = option(
+        16,
+        "on CPU, run decode-only steps of at most this many requests through one fused C call per step "
+        "(every layer in one OpenMP region; dense float32/bfloat16 models with a cache of their dtype); 0: off",
+    )
+    cpu_prepack: bool = option(
+        True,
+        "on CPU, run bfloat16 linear layers above decode sizes on weights prepacked for oneDNN (AMX where the "
+        "CPU has it; 1.5-2x F.linear at 16-256 rows); costs a second copy of the weights",
+    )
     sparse_linears: float | None = option(
         None,
         "run decoder linears with at least this share of zero weights (a pruned model) as CSR sparse "
@@ -198,6 +208,8 @@ class EngineConfig:
                 "--skip-decode and --speculative-method do not combine (SkipDecode is lossy, speculation "
                 "exact); choose one"
             )
+        if not 0 <= self.cpu_fused_decode <= 16:
+            raise ConfigError(f"--cpu-fused-decode takes 0 (off) to 16 requests, got {self.cpu_fused_decode}")
         if self.sparse_linears is not None and not 0 < self.sparse_linears < 1:
             raise ConfigError(
                 f"--sparse-linears takes a share of zero weights in (0, 1), got {self.sparse_linears}"

@@ -14,8 +14,9 @@ import logging
 import torch
 
 from effllm.core.errors import ConfigError
-from effllm.engine.attention_backend import TritonPagedAttention, make_backend
+from effllm.engine.attention_backend import PagedAttention, TritonPagedAttention, make_backend
 from effllm.engine.config import EngineConfig
+from effllm.engine.cpu_decode_step import CPUDecodeStep
 from effllm.engine.cuda_graphs import DecodeGraphs
 from effllm.engine.kv_cache import PagedKVCache, num_kv_blocks, resolve_kv_bits
 from effllm.engine.request import Request
@@ -25,7 +26,7 @@ from effllm.engine.skip_decode import SkipSchedule
 from effllm.engine.spec_decode.verify import accept_greedy
 from effllm.engine.step_layout import StepLayout, build_step_layout
 from effllm.engine.structured.manager import StructuredOutputManager
-from effllm.models.decode_linear import use_decode_linears
+from effllm.models.decode_linear import prepack_bf16, use_decode_linears
 from effllm.models.fused_projections import fuse_projections
 from effllm.models.sparse_linear import sparsify_linears_
 from effllm.models.transformer import CausalLM
@@ -63,6 +64,13 @@ class ModelRunner:
         if self.device.type == "cpu" and config.cpu_gemv:
             use_decode_linears(model)
             fuse_projections(model)
+            if config.cpu_prepack:
+                prepack_bf16(model)
+        self.fused_decode = None
+        # The fused step does its own attention: only where the CPU's paged backend would run it anyway.
+        paged = type(self.backend) is PagedAttention
+        if self.device.type == "cpu" and config.cpu_gemv and config.cpu_fused_decode and paged:
+            self.fused_decode = CPUDecodeStep.build(model, self.cache, config.cpu_fused_decode)
         self.sampler = Sampler(self.device, config.seed)
         self.structured: StructuredOutputManager | None = None  # set by the engine: masks constrained rows
         self.skip_schedule = (
@@ -251,5 +259,9 @@ class ModelRunner:
         """Hidden states [T, hidden] of the step's flattened tokens."""
         if self.graphs is not None and layout.all_decodes and layout.num_tokens <= self.graphs.max_batch:
             return self.graphs.run(layout)
+        if self.fused_decode is not None and self.fused_decode.qualifies(layout):
+            hidden = self.fused_decode.run(layout)
+            if hidden is not None:
+                return hidden
         self.backend.prepare(layout)
         return self.model.hidden_states(layout.input_ids[None], layout.positions[None], attn=self.backend)[0]

@@ -1,0 +1,127 @@
+"""`CPUDecodeStep`: decode-only steps of a dense model on the CPU through one fused C call per step.
+
+On a CPU a decode step of a small batch is a stream over the weights interleaved with about 190 small
+PyTorch ops per layer (norms, RoPE, the KV write, views, each parallel op its own OpenMP fork and join);
+at SmolLM-135M's size those ops, not the weights, set the step time. `kernels/cpu/decode_step.c` runs every
+layer in one OpenMP region instead (the CPU counterpart of the CUDA graphs `cuda_graphs.py` captures).
+
+A step takes this path when the engine runs the CPU's paged attention backend (an explicitly chosen
+backend keeps its own attention), every request decodes one token, there are at most
+`--cpu-fused-decode` of them and the model still is what the kernel was set up for: float32 or bfloat16 dense linears with q/k/v and gate/up
+fused (`models/fused_projections`), a float32 or bfloat16 KV cache of the model's dtype, SiLU, no hooks
+on the projections. Anything else (quantized weights, an int8/int4 cache, prefill chunks, drafts,
+SkipDecode's partial depths) takes the model's PyTorch forward, which is also its reference in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effllm.engine.kv_cache import PagedKVCache
+from effllm.engine.step_layout import StepLayout
+from effllm.kernels.cpu_decode_step import MAX_ROWS, LayerPointers, decode_step, decode_step_available
+from effllm.models.decode_linear import DecodeLinear
+from effllm.models.fused_projections import current
+from effllm.models.transformer import CausalLM
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+class CPUDecodeStep:
+    def __init__(self, model: CausalLM, cache: PagedKVCache, max_rows: int = MAX_ROWS):
+        self.model, self.cache, self.max_rows = model, cache, min(max_rows, MAX_ROWS)
+        c = model.config
+        self.windows = torch.tensor([w or -1 for w in c.sliding_windows], dtype=torch.int64)
+        self.scale = c.head_dim**-0.5
+        self._signature: tuple | None = None
+        self._layers: LayerPointers | None = None
+
+    @classmethod
+    def build(cls, model: CausalLM, cache: PagedKVCache, max_rows: int = MAX_ROWS) -> CPUDecodeStep | None:
+        """The fused step for `model`, or None when it cannot run it (see the module docstring)."""
+        c = model.config
+        suitable = (
+            model.device.type == "cpu"
+            and model.dtype in DTYPES
+            and cache.kv_bits is None
+            and cache.k[0].dtype == model.dtype
+            and c.hidden_act == "silu"
+            and c.head_dim % 2 == 0
+            and max_rows > 0
+            and decode_step_available()
+        )
+        step = cls(model, cache, max_rows) if suitable else None
+        return step if step is not None and step._tensors() is not None else None
+
+    def _tensors(self) -> list[tuple[torch.Tensor, ...]] | None:
+        """Per layer the tensors the kernel reads, or None when a layer is not plain fused dense."""
+        out = []
+        for layer in self.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = current(attn.__dict__.get("fused_qkv"), attn.q_proj, attn.k_proj, attn.v_proj)
+            gu = current(mlp.__dict__.get("fused_gate_up"), mlp.gate_proj, mlp.up_proj)
+            linears = (qkv, attn.o_proj, gu, mlp.down_proj)
+            if any(type(m) not in (DecodeLinear, torch.nn.Linear) for m in linears):
+                return None
+            if any(m._forward_hooks or m._forward_pre_hooks for m in linears[1::2]):
+                return None
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            out.append(tuple(t for m in linears for t in (m.weight, m.bias)) + norms)
+        return out
+
+    def qualifies(self, layout: StepLayout) -> bool:
+        return layout.all_decodes and layout.num_tokens <= self.max_rows
+
+    def _pointers(self) -> LayerPointers | None:
+        """The kernel's view of the model, rebuilt when a tensor was replaced or written since."""
+        tensors = self._tensors()
+        if tensors is None:
+            return None
+        signature = tuple((t.data_ptr(), t._version) for ts in tensors for t in ts if t is not None)
+        if signature != self._signature:
+            f32 = [[None if t is None else t.detach().float().contiguous() for t in ts] for ts in tensors]
+            self._layers = LayerPointers(
+                w_qkv=[ts[0] for ts in tensors],
+                b_qkv=[ts[1] for ts in f32],
+                w_o=[ts[2] for ts in tensors],
+                b_o=[ts[3] for ts in f32],
+                w_gu=[ts[4] for ts in tensors],
+                b_gu=[ts[5] for ts in f32],
+                w_down=[ts[6] for ts in tensors],
+                b_down=[ts[7] for ts in f32],
+                norm_in=[ts[8] for ts in f32],
+                norm_post=[ts[9] for ts in f32],
+                k_cache=list(self.cache.k),
+                v_cache=list(self.cache.v),
+            )
+            self._signature = signature
+        return self._layers
+
+    @torch.inference_mode()
+    def run(self, layout: StepLayout) -> torch.Tensor | None:
+        """Final normed hidden states [B, hidden] of a decode-only step, or None when the model no longer
+        qualifies (the caller then runs the PyTorch forward)."""
+        layers = self._pointers()
+        if layers is None:
+            return None
+        stack, c = self.model.model, self.model.config
+        x = stack.embed(layout.input_ids).float().contiguous()  # [B, hidden]
+        cos, sin = stack.rotary_emb(layout.positions[None], torch.float32)
+        width = max(len(b) for b in layout.block_tables)
+        tables = torch.tensor([b + [0] * (width - len(b)) for b in layout.block_tables], dtype=torch.int64)
+        decode_step(
+            x,
+            cos[0].contiguous(),
+            sin[0].contiguous(),
+            layers,
+            layout.slot_mapping,
+            tables,
+            torch.tensor(layout.seq_lens, dtype=torch.int64),
+            self.windows,
+            num_heads=c.num_attention_heads,
+            intermediate_size=c.intermediate_size,
+            eps=stack.layers[0].input_layernorm.eps,
+            scale=self.scale,
+            threads=torch.get_num_threads(),
+        )
+        return stack.norm(x.to(self.model.dtype))

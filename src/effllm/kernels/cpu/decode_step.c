@@ -1,0 +1,256 @@
+/* A whole decode step of a dense Llama-family decoder in one call: every layer of B single-token queries
+   (RMSNorm, the fused q/k/v projection, RoPE, the paged KV-cache write, paged attention, o_proj and the
+   residual, RMSNorm, the fused gate/up projection, SiLU(gate) * up, down_proj and the residual), inside
+   one OpenMP parallel region whose threads split each matrix by output rows and the attention by
+   (sequence, kv head). What the PyTorch path does in about 190 small ops per layer (each its own
+   dispatch, and each parallel op its own fork and join) becomes 9 barriers per layer: the CPU engine's
+   counterpart of a CUDA graph for decode steps (see effllm/engine/cpu_decode_step.py, which gathers the
+   model's tensors and checks the step qualifies).
+
+   The residual stream x [B, hidden] is float32 and updated in place; the caller embeds before and applies
+   the final norm and the head after. Weights are float32 or bfloat16 ([out, in] rows, q/k/v and gate/up
+   concatenated as EffLLM's fused projections hold them); norm weights and biases float32; the cache
+   float32 or bfloat16 [blocks, block_size, kv_heads, head_dim] per layer. Activations stay float32,
+   except that with bfloat16 weights on a CPU with AVX-512 BF16 the input of each product is rounded to
+   bfloat16 for `vdpbf16ps` (what the PyTorch path's bfloat16 linears do too). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_DPBF16 1
+#endif
+
+#define MAX_ROWS 16
+
+enum { L_, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, BLOCK, WIDTH, ROWS, W_BF16, CACHE_BF16, THREADS, MAX_KEYS, NDIMS };
+
+static inline float widen_bf16(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t round_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float softmax_exp(float x) {  /* as in paged_decode.c: a vectorisable exp, about 2 ulp */
+    x = x < -87.f ? -87.f : x;
+    const float n = nearbyintf(x * 1.44269504088896341f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+int decode_step_dpbf16(void) {
+#ifdef HAVE_DPBF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y[b, n] (= or +=) x[b] . w[n] + bias[n] for n in [0, N), split over the team's threads. x is float32
+   [B, K]; xb the same rounded to bfloat16 (used with bfloat16 weights where vdpbf16ps exists). */
+static void matvec(const void *w, int w_bf16, const float *bias, const float *x, const uint16_t *xb,
+                   int64_t B, int64_t K, int64_t N, float *y, int64_t y_stride, int accumulate) {
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float acc[MAX_ROWS];
+        if (!w_bf16) {
+            const float *wn = (const float *)w + n * K;
+            for (int64_t b = 0; b < B; b++) {
+                const float *xr = x + b * K;
+                float s = 0.f;
+                for (int64_t k = 0; k < K; k++) s += xr[k] * wn[k];
+                acc[b] = s;
+            }
+        } else {
+            const uint16_t *wn = (const uint16_t *)w + n * K;
+#ifdef HAVE_DPBF16
+            const int64_t full = K & ~(int64_t)31;
+            const __mmask32 tail = (__mmask32)((1ull << (K - full)) - 1);
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                const int64_t rows = B - b0 < 4 ? B - b0 : 4;
+                __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t k = 0; k < full; k += 32) {
+                    const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(wn + k));
+                    for (int r = 0; r < rows; r++)
+                        s[r] = _mm512_dpbf16_ps(s[r], wv, (__m512bh)_mm512_loadu_si512((const void *)(xb + (b0 + r) * K + k)));
+                }
+                if (full < K) {
+                    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, wn + full);
+                    for (int r = 0; r < rows; r++)
+                        s[r] = _mm512_dpbf16_ps(s[r], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, xb + (b0 + r) * K + full));
+                }
+                for (int r = 0; r < rows; r++) acc[b0 + r] = _mm512_reduce_add_ps(s[r]);
+            }
+#else
+            (void)xb;
+            for (int64_t b = 0; b < B; b++) {
+                const float *xr = x + b * K;
+                float s = 0.f;
+                for (int64_t k = 0; k < K; k++) s += xr[k] * widen_bf16(wn[k]);
+                acc[b] = s;
+            }
+#endif
+        }
+        const float add = bias ? bias[n] : 0.f;
+        for (int64_t b = 0; b < B; b++) {
+            if (accumulate) y[b * y_stride + n] += acc[b] + add;
+            else y[b * y_stride + n] = acc[b] + add;
+        }
+    }
+}
+
+/* out[b] = x[b] / rms(x[b]) * weight, and its bfloat16 copy. */
+static void rms_norm(const float *x, const float *weight, int64_t B, int64_t K, float eps, float *out, uint16_t *outb) {
+    #pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * K;
+        float ss = 0.f;
+        for (int64_t k = 0; k < K; k++) ss += xr[k] * xr[k];
+        const float r = 1.f / sqrtf(ss / (float)K + eps);
+        for (int64_t k = 0; k < K; k++) out[b * K + k] = xr[k] * r * weight[k];
+        if (outb)
+            for (int64_t k = 0; k < K; k++) outb[b * K + k] = round_bf16(out[b * K + k]);
+    }
+}
+
+/* HF's rotate-half RoPE of one head in place: h[i] = h[i] cos[i] - h[i + D/2] sin[i], and for the second
+   half h[i] cos[i] + h[i - D/2] sin[i]. */
+static inline void rope(float *h, const float *cos, const float *sin, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = h[i], c = h[i + half];
+        h[i] = a * cos[i] - c * sin[i];
+        h[i + half] = c * cos[i + half] + a * sin[i + half];
+    }
+}
+
+void decode_step(const int64_t *dims, const float *fparams, float *x, const float *cos, const float *sin,
+                 const void *const *w_qkv, const float *const *b_qkv, const void *const *w_o, const float *const *b_o,
+                 const void *const *w_gu, const float *const *b_gu, const void *const *w_down,
+                 const float *const *b_down, const float *const *norm_in, const float *const *norm_post,
+                 void *const *k_cache, void *const *v_cache, const int64_t *slots, const int64_t *tables,
+                 const int64_t *lens, const int64_t *windows, float *work) {
+    const int64_t L = dims[L_], hidden = dims[HIDDEN], H = dims[HEADS], Hkv = dims[KV_HEADS], D = dims[HEAD_DIM];
+    const int64_t inter = dims[INTER], BS = dims[BLOCK], width = dims[WIDTH], B = dims[ROWS];
+    const int w_bf16 = (int)dims[W_BF16], c_bf16 = (int)dims[CACHE_BF16], threads = (int)dims[THREADS];
+    const int64_t max_keys = dims[MAX_KEYS];
+    const float eps = fparams[0], scale = fparams[1];
+    const int64_t G = H / Hkv, q_dim = H * D, kv_dim = Hkv * D, qkv_n = q_dim + 2 * kv_dim;
+    const int64_t widest = hidden > q_dim ? (hidden > inter ? hidden : inter) : (q_dim > inter ? q_dim : inter);
+    /* work: xn [B, widest] | qkv [B, qkv_n] | attn [B, q_dim] | gu [B, 2 inter] | scores [threads, G, max_keys] | xb */
+    float *xn = work, *qkv = xn + B * widest, *attn = qkv + B * qkv_n, *gu = attn + B * q_dim;
+    float *scores = gu + B * 2 * inter;
+    uint16_t *xb = (uint16_t *)(scores + (int64_t)threads * G * max_keys);
+#ifndef HAVE_DPBF16
+    xb = NULL;
+#endif
+    uint16_t *xbw = w_bf16 ? xb : NULL;
+
+    #pragma omp parallel num_threads(threads)
+    {
+        float *sc = scores + (int64_t)omp_get_thread_num() * G * max_keys;
+        for (int64_t l = 0; l < L; l++) {
+            rms_norm(x, norm_in[l], B, hidden, eps, xn, xbw);
+            matvec(w_qkv[l], w_bf16, b_qkv[l], xn, xbw, B, hidden, qkv_n, qkv, qkv_n, 0);
+            /* RoPE on every q and k head; each k and v head goes to the cache at the token's slot. */
+            #pragma omp for schedule(static)
+            for (int64_t u = 0; u < B * (H + Hkv); u++) {
+                const int64_t b = u / (H + Hkv), h = u % (H + Hkv);
+                float *row = qkv + b * qkv_n;
+                if (h < H) {
+                    rope(row + h * D, cos + b * D, sin + b * D, D);
+                    continue;
+                }
+                const int64_t g = h - H;
+                float *k = row + q_dim + g * D, *v = row + q_dim + kv_dim + g * D;
+                rope(k, cos + b * D, sin + b * D, D);
+                const int64_t at = slots[b] * kv_dim + g * D;
+                if (c_bf16) {
+                    uint16_t *kc = (uint16_t *)k_cache[l] + at, *vc = (uint16_t *)v_cache[l] + at;
+                    for (int64_t d = 0; d < D; d++) { kc[d] = round_bf16(k[d]); vc[d] = round_bf16(v[d]); }
+                } else {
+                    memcpy((float *)k_cache[l] + at, k, sizeof(float) * D);
+                    memcpy((float *)v_cache[l] + at, v, sizeof(float) * D);
+                }
+            }
+            /* Attention, one (sequence, kv head) per iteration: its G query heads read each key once. */
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t u = 0; u < B * Hkv; u++) {
+                const int64_t b = u / Hkv, g = u % Hkv, n_keys = lens[b];
+                const int64_t lo = windows[l] > 0 && n_keys > windows[l] ? n_keys - windows[l] : 0, n = n_keys - lo;
+                const int64_t *table = tables + b * width;
+                const float *q = qkv + b * qkv_n + g * G * D;
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t p = lo + j, at = (table[p / BS] * BS + p % BS) * kv_dim + g * D;
+                    for (int64_t h = 0; h < G; h++) {
+                        float s = 0.f;
+                        if (c_bf16) {
+                            const uint16_t *k = (const uint16_t *)k_cache[l] + at;
+                            for (int64_t d = 0; d < D; d++) s += q[h * D + d] * widen_bf16(k[d]);
+                        } else {
+                            const float *k = (const float *)k_cache[l] + at;
+                            for (int64_t d = 0; d < D; d++) s += q[h * D + d] * k[d];
+                        }
+                        sc[h * n + j] = s * scale;
+                    }
+                }
+                for (int64_t h = 0; h < G; h++) {
+                    float *s = sc + h * n, m = -INFINITY, sum = 0.f;
+                    for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+                    for (int64_t j = 0; j < n; j++) { s[j] = softmax_exp(s[j] - m); sum += s[j]; }
+                    const float inv = 1.f / sum;
+                    for (int64_t j = 0; j < n; j++) s[j] *= inv;
+                }
+                float *o = attn + b * q_dim + g * G * D;
+                memset(o, 0, sizeof(float) * G * D);
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t p = lo + j, at = (table[p / BS] * BS + p % BS) * kv_dim + g * D;
+                    for (int64_t h = 0; h < G; h++) {
+                        const float wgt = sc[h * n + j];
+                        float *oh = o + h * D;
+                        if (c_bf16) {
+                            const uint16_t *v = (const uint16_t *)v_cache[l] + at;
+                            for (int64_t d = 0; d < D; d++) oh[d] += wgt * widen_bf16(v[d]);
+                        } else {
+                            const float *v = (const float *)v_cache[l] + at;
+                            for (int64_t d = 0; d < D; d++) oh[d] += wgt * v[d];
+                        }
+                    }
+                }
+                if (xbw)
+                    for (int64_t i = 0; i < G * D; i++) xbw[b * q_dim + g * G * D + i] = round_bf16(o[i]);
+            }
+            matvec(w_o[l], w_bf16, b_o[l], attn, xbw, B, q_dim, hidden, x, hidden, 1);
+            rms_norm(x, norm_post[l], B, hidden, eps, xn, xbw);
+            matvec(w_gu[l], w_bf16, b_gu[l], xn, xbw, B, hidden, 2 * inter, gu, 2 * inter, 0);
+            #pragma omp for schedule(static)
+            for (int64_t u = 0; u < B * inter; u++) {
+                const int64_t b = u / inter, i = u % inter;
+                const float g = gu[b * 2 * inter + i], a = g / (1.f + expf(-g)) * gu[b * 2 * inter + inter + i];
+                xn[b * inter + i] = a;
+                if (xbw) xbw[b * inter + i] = round_bf16(a);
+            }
+            matvec(w_down[l], w_bf16, b_down[l], xn, xbw, B, inter, hidden, x, hidden, 1);
+        }
+    }
+}

@@ -1,0 +1,133 @@
+"""A whole decode step of a dense Llama-family decoder in one C call (`cpu/decode_step.c`).
+
+`decode_step(...)` runs every layer over B single-token queries, updating the float32 residual stream x
+[B, hidden] in place, and writes the step's keys and values into the paged cache. Its PyTorch reference
+is the model's own layers over the same cache (what `engine/cpu_decode_step.py` is tested against).
+Layer tensors are passed as per-layer pointer arrays (`LayerPointers`, built once per set of weights).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
+
+MAX_ROWS = 16  # the kernel's MAX_ROWS: most queries per call
+_p, _pp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
+_ARGS = [_p, _p, _p, _p, _p] + [_pp] * 12 + [_p, _p, _p, _p, _p]
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    return load_kernel(
+        "decode_step.c",
+        {"decode_step": (_ARGS, None), "decode_step_dpbf16": ([], ctypes.c_int)},
+        flags=(*DEFAULT_FLAGS, "-fopenmp"),
+    )
+
+
+def load_library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The kernel built with extra compiler flags (e.g. -mno-avx512f: what other CPUs compile)."""
+    return load_kernel(
+        "decode_step.c", {"decode_step": (_ARGS, None)}, flags=(*DEFAULT_FLAGS, "-fopenmp", *flags)
+    )
+
+
+def decode_step_available() -> bool:
+    return _library() is not None
+
+
+def _array(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+@dataclass
+class LayerPointers:
+    """Per layer: fused q/k/v, o, fused gate/up and down weights [out, in] (float32 or bfloat16) with their
+    float32 biases (or None), float32 norm weights, and the cache's k and v tensors."""
+
+    w_qkv: list[torch.Tensor]
+    b_qkv: list[torch.Tensor | None]
+    w_o: list[torch.Tensor]
+    b_o: list[torch.Tensor | None]
+    w_gu: list[torch.Tensor]
+    b_gu: list[torch.Tensor | None]
+    w_down: list[torch.Tensor]
+    b_down: list[torch.Tensor | None]
+    norm_in: list[torch.Tensor]
+    norm_post: list[torch.Tensor]
+    k_cache: list[torch.Tensor]
+    v_cache: list[torch.Tensor]
+
+    def __post_init__(self) -> None:
+        self.arrays = [_array(getattr(self, f)) for f in self.__dataclass_fields__]
+
+
+def decode_step(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layers: LayerPointers,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    windows: torch.Tensor,
+    *,
+    num_heads: int,
+    intermediate_size: int,
+    eps: float,
+    scale: float,
+    threads: int,
+    library: ctypes.CDLL | None = None,
+) -> None:
+    """Every layer of one decode step, in place on x [B, hidden] float32 (contiguous).
+
+    cos, sin [B, head_dim] float32 at each query's position; slots [B] the cache slot of each query;
+    block_tables [B, width], lens [B] (keys after this step) and windows [layers] (-1: none) int64.
+    `library` is another build of the kernel (tests compare the portable one).
+    """
+    b, hidden = x.shape
+    k0 = layers.k_cache[0]
+    kv_heads, head_dim, block = k0.shape[2], k0.shape[3], k0.shape[1]
+    max_keys = int(lens.max())
+    w_bf16 = layers.w_qkv[0].dtype == torch.bfloat16
+    dims = torch.tensor(
+        [
+            len(layers.w_qkv),
+            hidden,
+            num_heads,
+            kv_heads,
+            head_dim,
+            intermediate_size,
+            block,
+            block_tables.shape[1],
+            b,
+            int(w_bf16),
+            int(k0.dtype == torch.bfloat16),
+            threads,
+            max_keys,
+        ],
+        dtype=torch.int64,
+    )
+    fparams = torch.tensor([eps, scale], dtype=torch.float32)
+    q_dim, qkv = num_heads * head_dim, num_heads * head_dim + 2 * kv_heads * head_dim
+    widest = max(hidden, q_dim, intermediate_size)
+    floats = b * (widest + qkv + q_dim + 2 * intermediate_size) + threads * (num_heads // kv_heads) * max_keys
+    work = torch.empty(floats + (b * widest + 1) // 2 + 1, dtype=torch.float32)  # + bfloat16 copies
+    (library or _library()).decode_step(
+        dims.data_ptr(),
+        fparams.data_ptr(),
+        x.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        *layers.arrays,
+        slots.data_ptr(),
+        block_tables.data_ptr(),
+        lens.data_ptr(),
+        windows.data_ptr(),
+        work.data_ptr(),
+    )

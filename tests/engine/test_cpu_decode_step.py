@@ -1,0 +1,149 @@
+"""The fused CPU decode step (`engine/cpu_decode_step.py`, `kernels/cpu/decode_step.c`) against the model's
+PyTorch forward: the same log-probabilities step after step (GQA, biases, sliding windows, float32 and
+bfloat16), the portable build equal to the AVX-512 one, and the PyTorch path whenever the model is not what
+the kernel was set up for."""
+
+import copy
+
+import pytest
+import torch
+
+from effllm.engine import LLM, SamplingParams
+from effllm.engine.cpu_decode_step import CPUDecodeStep
+from effllm.kernels import cpu_decode_step as kernel
+from tests.engine.conftest import hf_and_effllm
+
+pytestmark = pytest.mark.skipif(not kernel.decode_step_available(), reason="no C compiler")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2-untied", "mistral-sliding"])
+def model(request, tmp_path_factory):
+    return hf_and_effllm(request.param, tmp_path_factory.mktemp(request.param))[1]
+
+
+def prompts(n=6, vocab=128):
+    gen = torch.Generator().manual_seed(0)
+    return [
+        {"prompt_token_ids": torch.randint(0, vocab, (3 + 17 * i,), generator=gen).tolist()} for i in range(n)
+    ]
+
+
+def run(model, fused: int, dtype: str, calls: list | None = None):
+    model = copy.deepcopy(model)  # the engine converts and fuses the model it is given
+    llm = LLM(model, dtype=dtype, cpu_fused_decode=fused, max_num_seqs=8, enable_prefix_caching=False)
+    step = llm.engine.runner.fused_decode
+    assert (step is not None) == bool(fused)
+    if calls is not None and step is not None:
+        inner = step.run
+        step.run = lambda layout: calls.append(layout.num_tokens) or inner(layout)
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=3)
+    return llm.generate(prompts(), params, use_tqdm=False)
+
+
+def logprobs(outs):
+    return [[lp[t] for t, lp in zip(o.token_ids, o.outputs[0].logprobs, strict=True)] for o in outs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_decode_steps_give_the_pytorch_forwards_log_probabilities(model, dtype):
+    calls = []
+    fused, plain = run(model, 8, dtype, calls), run(model, 0, dtype)
+    assert calls and max(calls) > 1  # decode steps of several requests took the fused path
+    if dtype == "float32":
+        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=1e-4, atol=1e-4)
+    else:  # bfloat16 rounds at other points: the first tokens agree, the distributions stay close
+        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
+        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
+        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)
+
+
+def test_the_portable_build_equals_the_default_one():
+    lib = kernel.load_library(("-mno-avx512f",))
+    if lib is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(1)
+    hidden, heads, kv, d, inter, layers, bs = 64, 4, 2, 16, 96, 2, 4
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.1).bfloat16()
+
+    results = []
+    for library in (None, lib):
+        k = [torch.zeros(8, bs, kv, d, dtype=torch.bfloat16) for _ in range(layers)]
+        v = [torch.zeros(8, bs, kv, d, dtype=torch.bfloat16) for _ in range(layers)]
+        gen.manual_seed(2)
+        pointers = kernel.LayerPointers(
+            w_qkv=[w(heads * d + 2 * kv * d, hidden) for _ in range(layers)],
+            b_qkv=[None] * layers,
+            w_o=[w(hidden, heads * d) for _ in range(layers)],
+            b_o=[None] * layers,
+            w_gu=[w(2 * inter, hidden) for _ in range(layers)],
+            b_gu=[torch.randn(2 * inter, generator=gen) for _ in range(layers)],
+            w_down=[w(hidden, inter) for _ in range(layers)],
+            b_down=[None] * layers,
+            norm_in=[torch.rand(hidden, generator=gen) + 0.5 for _ in range(layers)],
+            norm_post=[torch.rand(hidden, generator=gen) + 0.5 for _ in range(layers)],
+            k_cache=k,
+            v_cache=v,
+        )
+        x = torch.randn(3, hidden, generator=gen)
+        pos = torch.tensor([[0, 5, 9]])
+        freqs = pos[..., None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+        emb = torch.cat([freqs, freqs], -1)[0]
+        kernel.decode_step(
+            x,
+            emb.cos().contiguous(),
+            emb.sin().contiguous(),
+            pointers,
+            slots=torch.tensor([0, 5 + bs, 9 + 4 * bs]),
+            block_tables=torch.tensor([[0, 0, 0], [0, 1, 0], [2, 3, 4]]),
+            lens=torch.tensor([1, 6, 10]),
+            windows=torch.tensor([-1, 3]),
+            num_heads=heads,
+            intermediate_size=inter,
+            eps=1e-5,
+            scale=d**-0.5,
+            threads=2,
+            library=library,
+        )
+        results.append((x, torch.stack(k).float()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=2e-2, atol=2e-2)
+
+
+def test_models_the_kernel_does_not_cover_take_the_pytorch_path(model):
+    from effllm.compress.schemes import W8A16, quantize_
+
+    model = copy.deepcopy(model)
+    llm = LLM(model, dtype="float32", enable_prefix_caching=False)
+    step = llm.engine.runner.fused_decode
+    layer = model.model.layers[0]
+    handle = layer.mlp.down_proj.register_forward_hook(lambda *a: None)  # a hook wants the module called
+    try:
+        assert step._tensors() is None
+        (out,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+        assert len(out.token_ids) == 3
+    finally:
+        handle.remove()
+    assert step._tensors() is not None
+    quantized = LLM(copy.deepcopy(model), dtype="float32")
+    quantize_(quantized.engine.model, W8A16())
+    assert CPUDecodeStep.build(quantized.engine.model, quantized.engine.runner.cache) is None
+    assert LLM(model, dtype="float32", kv_cache_dtype="int8").engine.runner.fused_decode is None
+
+
+def test_replaced_weights_are_read_after_the_replacement(model):
+    llm = LLM(copy.deepcopy(model), dtype="float32", enable_prefix_caching=False, max_num_seqs=4)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    before = [o.token_ids for o in llm.generate(prompts(4), params, use_tqdm=False)]
+    down = llm.engine.model.model.layers[-1].mlp.down_proj
+    original = down.weight.data
+    down.weight.data = original * 3  # a new tensor: the kernel must not read the old one
+    try:
+        fused = [o.token_ids for o in llm.generate(prompts(4), params, use_tqdm=False)]
+        reference = LLM(llm.engine.model, cpu_fused_decode=0, enable_prefix_caching=False, max_num_seqs=4)
+        assert fused == [o.token_ids for o in reference.generate(prompts(4), params, use_tqdm=False)]
+        assert fused != before
+    finally:
+        down.weight.data = original

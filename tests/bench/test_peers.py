@@ -92,3 +92,15 @@ def test_throughput_hands_vllm_the_same_prompts(tmp_path, monkeypatch):
     )
     with pytest.raises(ConfigError, match="unknown throughput peer"):
         throughput.run_throughput(shape="tiny", peers=["llama.cpp"])
+
+
+def test_the_result_is_the_last_json_line_even_with_logs_after_it(tmp_path):
+    script = tmp_path / "noisy.py"
+    script.write_text(
+        'import json\nprint(json.dumps({"decode_tokens_per_s": 3.0}))\nprint("(EngineCore) INFO shutdown")\n'
+    )
+    result = peers.run_peer_script(str(script), sys.executable, str(tmp_path), "float32", 4, 2, 1)
+    assert result == {"decode_tokens_per_s": 3.0}
+    script.write_text('print("no json here")\n')
+    with pytest.raises(ConfigError, match="no JSON"):
+        peers.run_peer_script(str(script), sys.executable, str(tmp_path), "float32", 4, 2, 1)

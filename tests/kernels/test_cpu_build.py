@@ -16,22 +16,13 @@ def fresh_cache(tmp_path, monkeypatch):
     build._load.cache_clear()
 
 
-SIGNATURE = {
-    "paged_decode_f32": (
-        [ctypes.c_void_p] * 4
-        + [ctypes.c_int64]
-        + [ctypes.c_void_p] * 2
-        + [ctypes.c_int64] * 4
-        + [ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
-        None,
-    )
-}
+SIGNATURE = {"paged_decode_work": ([ctypes.c_int64] * 5, ctypes.c_int64)}
 
 
 @pytest.mark.skipif(not build.shutil.which("cc"), reason="no C compiler")
 def test_a_kernel_is_compiled_once_and_cached_by_source_flags_and_cpu(fresh_cache):
     lib = build.load_kernel("paged_decode.c", SIGNATURE)
-    assert lib is not None and lib.paged_decode_f32.restype is None
+    assert lib is not None and lib.paged_decode_work(2, 4, 8, 100, 1) == 4 * 100 + 2 * 4 * 10
     [built] = fresh_cache.glob("paged_decode_*.so")
     assert build.load_kernel("paged_decode.c", SIGNATURE) is lib  # once per process
     build._load.cache_clear()
@@ -40,6 +31,17 @@ def test_a_kernel_is_compiled_once_and_cached_by_source_flags_and_cpu(fresh_cach
     build._load.cache_clear()
     build.load_kernel("paged_decode.c", SIGNATURE, flags=(*build.DEFAULT_FLAGS, "-DEFFLLM_TEST"))
     assert len(list(fresh_cache.glob("paged_decode_*.so"))) == 2  # other flags, another build
+
+
+@pytest.mark.skipif(not build.shutil.which("cc"), reason="no C compiler")
+def test_an_included_header_is_part_of_the_cache_key(fresh_cache, monkeypatch):
+    build.load_kernel("paged_decode.c", SIGNATURE)
+    headers = build.kernel_headers()
+    headers["attention.h"] += "\n/* changed */\n"
+    monkeypatch.setattr(build, "kernel_headers", lambda: headers)
+    build._load.cache_clear()
+    assert build.load_kernel("paged_decode.c", SIGNATURE) is not None
+    assert len(list(fresh_cache.glob("paged_decode_*.so"))) == 2
 
 
 def test_without_a_compiler_the_pytorch_path_is_reported_at_debug_level(fresh_cache, monkeypatch, caplog):
@@ -51,7 +53,8 @@ def test_without_a_compiler_the_pytorch_path_is_reported_at_debug_level(fresh_ca
 
 
 def test_kernel_sources_ship_with_the_package():
-    assert "paged_decode_f32" in build.kernel_source("paged_decode.c")
+    assert "void paged_decode(" in build.kernel_source("paged_decode.c")
+    assert "static void attend(" in build.kernel_headers()["attention.h"]
     assert isinstance(build.cpu_features(), frozenset)
 
 

@@ -72,29 +72,62 @@ class CPUDecodeStep:
     def qualifies(self, layout: StepLayout) -> bool:
         return layout.all_decodes and layout.num_tokens <= self.max_rows
 
+    def _fingerprint(self) -> tuple:
+        """What the kernel's view depends on, read straight from the modules' dicts (this runs every step):
+        each projection module's identity, weight storage and hook count, the fused modules' identities
+        (their weights are the parts' storage), and the norm weights' and biases' storage and version (they
+        are copied to float32)."""
+        out = []
+        for layer in self.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            a, m = attn._modules, mlp._modules
+            for mod in (
+                a["q_proj"],
+                a["k_proj"],
+                a["v_proj"],
+                a["o_proj"],
+                m["gate_proj"],
+                m["up_proj"],
+                m["down_proj"],
+            ):
+                w, b = mod._parameters.get("weight"), mod._parameters.get("bias")
+                out += (
+                    id(mod),
+                    0 if w is None else w.data_ptr(),
+                    len(mod._forward_hooks) + len(mod._forward_pre_hooks),
+                    0 if b is None else b._version,
+                )
+            out += (id(attn.__dict__.get("fused_qkv")), id(mlp.__dict__.get("fused_gate_up")))
+            for norm in (layer._modules["input_layernorm"], layer._modules["post_attention_layernorm"]):
+                w = norm._parameters["weight"]
+                out += (w.data_ptr(), w._version)
+        return tuple(out)
+
     def _pointers(self) -> LayerPointers | None:
-        """The kernel's view of the model, rebuilt when a tensor was replaced or written since."""
+        """The kernel's view of the model, rebuilt when a module, a weight's storage or a copied tensor
+        changed since (None when the model no longer qualifies)."""
+        signature = self._fingerprint()
+        if signature == self._signature:
+            return self._layers
         tensors = self._tensors()
         if tensors is None:
             return None
-        signature = tuple((t.data_ptr(), t._version) for ts in tensors for t in ts if t is not None)
-        if signature != self._signature:
-            f32 = [[None if t is None else t.detach().float().contiguous() for t in ts] for ts in tensors]
-            self._layers = LayerPointers(
-                w_qkv=[ts[0] for ts in tensors],
-                b_qkv=[ts[1] for ts in f32],
-                w_o=[ts[2] for ts in tensors],
-                b_o=[ts[3] for ts in f32],
-                w_gu=[ts[4] for ts in tensors],
-                b_gu=[ts[5] for ts in f32],
-                w_down=[ts[6] for ts in tensors],
-                b_down=[ts[7] for ts in f32],
-                norm_in=[ts[8] for ts in f32],
-                norm_post=[ts[9] for ts in f32],
-                k_cache=list(self.cache.k),
-                v_cache=list(self.cache.v),
-            )
-            self._signature = signature
+        f32 = [[None if t is None else t.detach().float().contiguous() for t in ts] for ts in tensors]
+        self._layers = LayerPointers(
+            w_qkv=[ts[0] for ts in tensors],
+            b_qkv=[ts[1] for ts in f32],
+            w_o=[ts[2] for ts in tensors],
+            b_o=[ts[3] for ts in f32],
+            w_gu=[ts[4] for ts in tensors],
+            b_gu=[ts[5] for ts in f32],
+            w_down=[ts[6] for ts in tensors],
+            b_down=[ts[7] for ts in f32],
+            norm_in=[ts[8] for ts in f32],
+            norm_post=[ts[9] for ts in f32],
+            k_cache=list(self.cache.k),
+            v_cache=list(self.cache.v),
+        )
+        self._signature = signature
         return self._layers
 
     @torch.inference_mode()

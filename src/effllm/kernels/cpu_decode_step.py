@@ -21,20 +21,21 @@ _p, _pp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
 _ARGS = [_p, _p, _p, _p, _p] + [_pp] * 12 + [_p, _p, _p, _p, _p]
 
 
-@cache
-def _library() -> ctypes.CDLL | None:
-    return load_kernel(
-        "decode_step.c",
-        {"decode_step": (_ARGS, None), "decode_step_dpbf16": ([], ctypes.c_int)},
-        flags=(*DEFAULT_FLAGS, "-fopenmp"),
-    )
+_FUNCTIONS = {
+    "decode_step": (_ARGS, None),
+    "decode_step_work": ([_p], ctypes.c_int64),
+    "decode_step_dpbf16": ([], ctypes.c_int),
+}
 
 
 def load_library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """The kernel built with extra compiler flags (e.g. -mno-avx512f: what other CPUs compile)."""
-    return load_kernel(
-        "decode_step.c", {"decode_step": (_ARGS, None)}, flags=(*DEFAULT_FLAGS, "-fopenmp", *flags)
-    )
+    """The kernel, built with extra compiler flags if given (-mno-avx512f: what other CPUs compile)."""
+    return load_kernel("decode_step.c", _FUNCTIONS, flags=(*DEFAULT_FLAGS, "-fopenmp", *flags))
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    return load_library()
 
 
 def decode_step_available() -> bool:
@@ -114,11 +115,9 @@ def decode_step(
         dtype=torch.int64,
     )
     fparams = torch.tensor([eps, scale], dtype=torch.float32)
-    q_dim, qkv = num_heads * head_dim, num_heads * head_dim + 2 * kv_heads * head_dim
-    widest = max(hidden, q_dim, intermediate_size)
-    floats = b * (widest + qkv + q_dim + 2 * intermediate_size) + threads * (num_heads // kv_heads) * max_keys
-    work = torch.empty(floats + (b * widest + 1) // 2 + 1, dtype=torch.float32)  # + bfloat16 copies
-    (library or _library()).decode_step(
+    lib = library or _library()
+    work = torch.empty(lib.decode_step_work(dims.data_ptr()), dtype=torch.float32)
+    lib.decode_step(
         dims.data_ptr(),
         fparams.data_ptr(),
         x.data_ptr(),

@@ -2,12 +2,13 @@
 fast path.
 
 The PyTorch path (`paged_decode_attention`) gathers every decode's blocks into a padded copy before
-SDPA reads them: three passes over the keys and values, plus padding, and OpenMP barriers that stall
-when the CPU is shared. This kernel walks each sequence's blocks in place and reads each key and
-value once; an int8 or int4 cache (`kv_quant.py`) is dequantized in registers. It is `cpu/paged_decode.c`, compiled on first use by `cpu.build.load_kernel` and called
-through ctypes, which releases the GIL, so a few Python threads split the batch. Without a compiler the
-engine keeps the PyTorch path.
-Tested against dense SDPA like every other backend.
+SDPA reads them: three passes over the keys and values, plus padding. This kernel walks each sequence's
+blocks in place and reads each key and value once. A float32 or bfloat16 cache goes through
+`paged_decode` (`cpu/attention.h`: each sequence's keys in shares, every head of a token at once,
+AVX-512 dot products, OpenMP tasks in one parallel region); an int8 or int4 cache (`kv_quant.py`) is
+dequantized in registers by `paged_decode_quant`, whose rows a few Python threads split (ctypes releases
+the GIL). It is `cpu/paged_decode.c`, compiled on first use by `cpu.build.load_kernel`. Without a compiler
+the engine keeps the PyTorch path. Tested against dense SDPA like every other backend.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ from functools import cache
 
 import torch
 
-from effllm.kernels.cpu.build import load_kernel
+from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
 _p, _i = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURE = ([_p, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, ctypes.c_float, _i, _i, _p], None)
+_SIGNATURE = (
+    [_p, _p, _p, ctypes.c_int, _p, _i, _p, _p, _i, _i, _i, _i, _i, ctypes.c_float, ctypes.c_int, _p, _p],
+    None,
+)
 _QUANT_SIGNATURE = (
     [_p, _p, _p, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, ctypes.c_float, _i, _i, _i, _p],
     None,
 )
 _SIGNATURES = {
-    "paged_decode_f32": _SIGNATURE,
-    "paged_decode_bf16": _SIGNATURE,
+    "paged_decode": _SIGNATURE,
+    "paged_decode_work": ([_i, _i, _i, _i, _i], _i),
     "paged_decode_quant": _QUANT_SIGNATURE,
 }
 # The cache dtypes the kernel reads (q and out are float32 inside it).
@@ -39,7 +43,7 @@ _pool: ThreadPoolExecutor | None = None
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    return load_kernel("paged_decode.c", _SIGNATURES)
+    return load_kernel("paged_decode.c", _SIGNATURES, flags=(*DEFAULT_FLAGS, "-fopenmp"))
 
 
 def cpu_kernel_available() -> bool:
@@ -78,19 +82,44 @@ def paged_decode_attention_cpu(
 
     q: [B, H, D]; block_tables: [B, width] int64, each row the sequence's blocks from position 0;
     lens, lo: [B] int64, row b sees keys lo[b] .. lens[b]-1; `splits` (from `split_rows`) are the row
-    ranges computed in parallel. Returns [B, H, D].
+    ranges the quantized kernel computes in parallel (the float kernel splits by itself). Returns [B, H, D].
     """
     global _pool
     q_dtype = q.dtype
     q, block_tables = q.to(torch.float32).contiguous(), block_tables.contiguous()
     b, h, d = q.shape
     out = torch.empty_like(q)
-    params = () if kv_bits is None else (k_params.data_ptr(), v_params.data_ptr())
+    lib = _library()
+    if kv_bits is None:
+        threads = torch.get_num_threads()
+        max_keys = int((lens - lo).max())
+        work = torch.empty(lib.paged_decode_work(b, h, d, max_keys, threads), dtype=torch.float32)
+        lib.paged_decode(
+            q.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            int(k_cache.dtype == torch.bfloat16),
+            block_tables.data_ptr(),
+            block_tables.shape[1],
+            lens.data_ptr(),
+            lo.data_ptr(),
+            b,
+            h,
+            k_cache.shape[2],
+            d,
+            k_cache.shape[1],
+            scale,
+            threads,
+            work.data_ptr(),
+            out.data_ptr(),
+        )
+        return out.to(q_dtype)
     args = (
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
-        *params,
+        k_params.data_ptr(),
+        v_params.data_ptr(),
         block_tables.data_ptr(),
         block_tables.shape[1],
         lens.data_ptr(),
@@ -100,16 +129,11 @@ def paged_decode_attention_cpu(
         d,
         k_cache.shape[1],
         scale,
-        *(() if kv_bits is None else (kv_bits,)),
+        kv_bits,
     )
     if len(splits) > 1 and _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="effllm-attn")
-    if kv_bits is not None:
-        kernel = _library().paged_decode_quant
-    elif k_cache.dtype == torch.bfloat16:
-        kernel = _library().paged_decode_bf16
-    else:
-        kernel = _library().paged_decode_f32
+    kernel = lib.paged_decode_quant
     futures = [_pool.submit(kernel, *args, start, end, out.data_ptr()) for start, end in splits[1:]]
     kernel(*args, splits[0][0], splits[0][1], out.data_ptr())
     for future in futures:

@@ -68,4 +68,11 @@ def run_peer_script(
         raise ConfigError(
             f"the {script} peer failed ({last}); is it installed in --peer-python's venv? See scripts/peers/"
         )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # The last line that is a JSON object: a peer's own subprocesses may log to stdout after it (vLLM's do).
+    for line in reversed(done.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ConfigError(f"the {script} peer printed no JSON result; run it by hand to see why")

@@ -3,7 +3,8 @@
     lib = load_kernel("paged_decode.c", {"paged_decode_f32": ([c_void_p, c_int64, ...], None)})
     if lib is None: ...  # no compiler (or the build failed): take the PyTorch path
 
-The source is a package file next to this one. It is compiled with the system C compiler (`$CC`, else
+The source is a package file next to this one; it may `#include` the package's `.h` files, which are
+copied beside it and hashed with it. It is compiled with the system C compiler (`$CC`, else
 `cc`) into ~/.cache/effllm/kernels (or $XDG_CACHE_HOME), named by a hash of the source, the flags and
 the CPU's features, so a changed source, flag or machine builds anew and concurrent builders never see
 a half-written file. `-march=native` lets the compiler use what this CPU has; a kernel that needs a
@@ -59,6 +60,12 @@ def kernel_source(name: str) -> str:
     return resources.files("effllm.kernels.cpu").joinpath(name).read_text()
 
 
+def kernel_headers() -> dict[str, str]:
+    """The `.h` files shipped in effllm/kernels/cpu (sources include them by name), name -> text."""
+    files = resources.files("effllm.kernels.cpu")
+    return {f.name: f.read_text() for f in files.iterdir() if f.name.endswith(".h")}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effllm" / "kernels"
 
@@ -68,8 +75,10 @@ def _compile(name: str, source: str, flags: tuple[str, ...], libs: tuple[str, ..
     if compiler is None:
         log.debug("no C compiler (set $CC or install cc): %s is not built, the PyTorch path is used", name)
         return None
+    headers = kernel_headers()
     signature = " ".join(flags + libs) + platform.machine() + " ".join(sorted(cpu_features()))
-    key = hashlib.sha256((source + signature).encode()).hexdigest()[:16]
+    text = source + "".join(headers[h] for h in sorted(headers))
+    key = hashlib.sha256((text + signature).encode()).hexdigest()[:16]
     target = cache_dir() / f"{Path(name).stem}_{key}.so"
     if target.exists():
         return target
@@ -77,6 +86,8 @@ def _compile(name: str, source: str, flags: tuple[str, ...], libs: tuple[str, ..
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, out = Path(tmp) / name, Path(tmp) / target.name
         src.write_text(source)
+        for header, body in headers.items():
+            (Path(tmp) / header).write_text(body)
         result = subprocess.run(
             [compiler, *flags, str(src), "-o", str(out), *libs], capture_output=True, text=True
         )

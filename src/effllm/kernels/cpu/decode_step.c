@@ -13,12 +13,8 @@
    float32 or bfloat16 [blocks, block_size, kv_heads, head_dim] per layer. Activations stay float32,
    except that with bfloat16 weights on a CPU with AVX-512 BF16 the input of each product is rounded to
    bfloat16 for `vdpbf16ps` (what the PyTorch path's bfloat16 linears do too). */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-#include <omp.h>
+#include "attention.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 #define HAVE_DPBF16 1
 #endif
 
@@ -26,36 +22,12 @@
 
 enum { L_, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, BLOCK, WIDTH, ROWS, W_BF16, CACHE_BF16, THREADS, MAX_KEYS, NDIMS };
 
-static inline float widen_bf16(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t round_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float softmax_exp(float x) {  /* as in paged_decode.c: a vectorisable exp, about 2 ulp */
-    x = x < -87.f ? -87.f : x;
-    const float n = nearbyintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
+int64_t decode_step_work(const int64_t *dims) {  /* floats of `work` decode_step needs */
+    const int64_t B = dims[ROWS], hidden = dims[HIDDEN], H = dims[HEADS], Hkv = dims[KV_HEADS], D = dims[HEAD_DIM];
+    const int64_t inter = dims[INTER], q_dim = H * D, qkv_n = q_dim + 2 * Hkv * D;
+    const int64_t widest = hidden > q_dim ? (hidden > inter ? hidden : inter) : (q_dim > inter ? q_dim : inter);
+    return B * (widest + qkv_n + q_dim + 2 * inter) + attention_work(B, H, D, dims[MAX_KEYS], dims[THREADS])
+           + (B * widest + 1) / 2 + 1;
 }
 
 int decode_step_dpbf16(void) {
@@ -66,50 +38,77 @@ int decode_step_dpbf16(void) {
 #endif
 }
 
-/* y[b, n] (= or +=) x[b] . w[n] + bias[n] for n in [0, N), split over the team's threads. x is float32
-   [B, K]; xb the same rounded to bfloat16 (used with bfloat16 weights where vdpbf16ps exists). */
+/* Dot products of one weight row with up to 4 rows of x (rows x + r * K), the sums in s[r]. */
+static inline void dot_f32(const float *w, const float *x, int64_t K, int rows, float *s) {
+#ifdef __AVX512F__
+    const int64_t full = K & ~(int64_t)31;
+    __m512 a[4][2];
+    for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < full; k += 32) {  /* two accumulators per row: FMA latency, not one chain */
+        const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+        for (int r = 0; r < rows; r++) {
+            a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), a[r][1]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+        for (int64_t k = full; k < K; k++) t += x[r * K + k] * w[k];
+        s[r] = t;
+    }
+#else
+    for (int r = 0; r < rows; r++) {
+        float t = 0.f;
+        for (int64_t k = 0; k < K; k++) t += x[r * K + k] * w[k];
+        s[r] = t;
+    }
+#endif
+}
+
+static inline void dot_bf16(const uint16_t *w, const float *x, const uint16_t *xb, int64_t K, int rows, float *s) {
+#ifdef HAVE_DPBF16
+    const int64_t full = K & ~(int64_t)63;
+    __m512 a[4][2];
+    for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < full; k += 64) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(w + k));
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(w + k + 32));
+        for (int r = 0; r < rows; r++) {
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], w0, (__m512bh)_mm512_loadu_si512((const void *)(xb + r * K + k)));
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], w1, (__m512bh)_mm512_loadu_si512((const void *)(xb + r * K + k + 32)));
+        }
+    }
+    for (int64_t k = full; k < K; k += 32) {
+        const __mmask32 m = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
+        const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w + k);
+        for (int r = 0; r < rows; r++)
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], w0, (__m512bh)_mm512_maskz_loadu_epi16(m, xb + r * K + k));
+    }
+    for (int r = 0; r < rows; r++) s[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+    (void)x;
+#else
+    (void)xb;
+    for (int r = 0; r < rows; r++) {
+        float t = 0.f;
+        for (int64_t k = 0; k < K; k++) t += x[r * K + k] * widen_bf16(w[k]);
+        s[r] = t;
+    }
+#endif
+}
+
+/* y[b, n] (= or +=) x[b] . w[n] + bias[n] for n in [0, N), split over the team's threads by rows of w.
+   x is float32 [B, K]; xb the same rounded to bfloat16 (read with bfloat16 weights where vdpbf16ps exists). */
 static void matvec(const void *w, int w_bf16, const float *bias, const float *x, const uint16_t *xb,
                    int64_t B, int64_t K, int64_t N, float *y, int64_t y_stride, int accumulate) {
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float acc[MAX_ROWS];
-        if (!w_bf16) {
-            const float *wn = (const float *)w + n * K;
-            for (int64_t b = 0; b < B; b++) {
-                const float *xr = x + b * K;
-                float s = 0.f;
-                for (int64_t k = 0; k < K; k++) s += xr[k] * wn[k];
-                acc[b] = s;
-            }
-        } else {
-            const uint16_t *wn = (const uint16_t *)w + n * K;
-#ifdef HAVE_DPBF16
-            const int64_t full = K & ~(int64_t)31;
-            const __mmask32 tail = (__mmask32)((1ull << (K - full)) - 1);
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                const int64_t rows = B - b0 < 4 ? B - b0 : 4;
-                __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                for (int64_t k = 0; k < full; k += 32) {
-                    const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(wn + k));
-                    for (int r = 0; r < rows; r++)
-                        s[r] = _mm512_dpbf16_ps(s[r], wv, (__m512bh)_mm512_loadu_si512((const void *)(xb + (b0 + r) * K + k)));
-                }
-                if (full < K) {
-                    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, wn + full);
-                    for (int r = 0; r < rows; r++)
-                        s[r] = _mm512_dpbf16_ps(s[r], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, xb + (b0 + r) * K + full));
-                }
-                for (int r = 0; r < rows; r++) acc[b0 + r] = _mm512_reduce_add_ps(s[r]);
-            }
-#else
-            (void)xb;
-            for (int64_t b = 0; b < B; b++) {
-                const float *xr = x + b * K;
-                float s = 0.f;
-                for (int64_t k = 0; k < K; k++) s += xr[k] * widen_bf16(wn[k]);
-                acc[b] = s;
-            }
-#endif
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+            const int rows = B - b0 < 4 ? (int)(B - b0) : 4;
+            if (w_bf16)
+                dot_bf16((const uint16_t *)w + n * K, x + b0 * K, xb ? xb + b0 * K : NULL, K, rows, acc + b0);
+            else
+                dot_f32((const float *)w + n * K, x + b0 * K, K, rows, acc + b0);
         }
         const float add = bias ? bias[n] : 0.f;
         for (int64_t b = 0; b < B; b++) {
@@ -157,10 +156,12 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
     const float eps = fparams[0], scale = fparams[1];
     const int64_t G = H / Hkv, q_dim = H * D, kv_dim = Hkv * D, qkv_n = q_dim + 2 * kv_dim;
     const int64_t widest = hidden > q_dim ? (hidden > inter ? hidden : inter) : (q_dim > inter ? q_dim : inter);
-    /* work: xn [B, widest] | qkv [B, qkv_n] | attn [B, q_dim] | gu [B, 2 inter] | scores [threads, G, max_keys] | xb */
+    const int64_t splits = key_splits(B, threads, max_keys);
+    /* work: xn [B, widest] | qkv [B, qkv_n] | attn [B, q_dim] | gu [B, 2 inter] | scores [threads, H, max_keys]
+       | parts [B splits, H (D + 2)] | xb (bfloat16) */
     float *xn = work, *qkv = xn + B * widest, *attn = qkv + B * qkv_n, *gu = attn + B * q_dim;
-    float *scores = gu + B * 2 * inter;
-    uint16_t *xb = (uint16_t *)(scores + (int64_t)threads * G * max_keys);
+    float *scores = gu + B * 2 * inter, *parts = scores + (int64_t)threads * H * max_keys;
+    uint16_t *xb = (uint16_t *)(scores + attention_work(B, H, D, max_keys, threads));
 #ifndef HAVE_DPBF16
     xb = NULL;
 #endif
@@ -168,7 +169,7 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
 
     #pragma omp parallel num_threads(threads)
     {
-        float *sc = scores + (int64_t)omp_get_thread_num() * G * max_keys;
+        float *sc = scores + (int64_t)omp_get_thread_num() * H * max_keys;
         for (int64_t l = 0; l < L; l++) {
             rms_norm(x, norm_in[l], B, hidden, eps, xn, xbw);
             matvec(w_qkv[l], w_bf16, b_qkv[l], xn, xbw, B, hidden, qkv_n, qkv, qkv_n, 0);
@@ -193,52 +194,26 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                     memcpy((float *)v_cache[l] + at, v, sizeof(float) * D);
                 }
             }
-            /* Attention, one (sequence, kv head) per iteration: its G query heads read each key once. */
+            /* Attention in two passes. Each task is a (sequence, kv head, share of its keys): the G query
+               heads of the kv head read each key once, and write their share's maximum score, sum of
+               exponentials and unnormalised output; then each (sequence, kv head) merges its shares
+               (flash-decoding's split, so that a few long sequences still keep every thread busy). */
             #pragma omp for schedule(dynamic, 1)
-            for (int64_t u = 0; u < B * Hkv; u++) {
-                const int64_t b = u / Hkv, g = u % Hkv, n_keys = lens[b];
-                const int64_t lo = windows[l] > 0 && n_keys > windows[l] ? n_keys - windows[l] : 0, n = n_keys - lo;
-                const int64_t *table = tables + b * width;
-                const float *q = qkv + b * qkv_n + g * G * D;
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t p = lo + j, at = (table[p / BS] * BS + p % BS) * kv_dim + g * D;
-                    for (int64_t h = 0; h < G; h++) {
-                        float s = 0.f;
-                        if (c_bf16) {
-                            const uint16_t *k = (const uint16_t *)k_cache[l] + at;
-                            for (int64_t d = 0; d < D; d++) s += q[h * D + d] * widen_bf16(k[d]);
-                        } else {
-                            const float *k = (const float *)k_cache[l] + at;
-                            for (int64_t d = 0; d < D; d++) s += q[h * D + d] * k[d];
-                        }
-                        sc[h * n + j] = s * scale;
-                    }
-                }
-                for (int64_t h = 0; h < G; h++) {
-                    float *s = sc + h * n, m = -INFINITY, sum = 0.f;
-                    for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
-                    for (int64_t j = 0; j < n; j++) { s[j] = softmax_exp(s[j] - m); sum += s[j]; }
-                    const float inv = 1.f / sum;
-                    for (int64_t j = 0; j < n; j++) s[j] *= inv;
-                }
-                float *o = attn + b * q_dim + g * G * D;
-                memset(o, 0, sizeof(float) * G * D);
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t p = lo + j, at = (table[p / BS] * BS + p % BS) * kv_dim + g * D;
-                    for (int64_t h = 0; h < G; h++) {
-                        const float wgt = sc[h * n + j];
-                        float *oh = o + h * D;
-                        if (c_bf16) {
-                            const uint16_t *v = (const uint16_t *)v_cache[l] + at;
-                            for (int64_t d = 0; d < D; d++) oh[d] += wgt * widen_bf16(v[d]);
-                        } else {
-                            const float *v = (const float *)v_cache[l] + at;
-                            for (int64_t d = 0; d < D; d++) oh[d] += wgt * v[d];
-                        }
-                    }
-                }
+            for (int64_t t = 0; t < B * splits; t++) {
+                const int64_t b = t / splits, part = t % splits, n_keys = lens[b];
+                const int64_t lo = windows[l] > 0 && n_keys > windows[l] ? n_keys - windows[l] : 0;
+                const int64_t j0 = lo + (n_keys - lo) * part / splits, j1 = lo + (n_keys - lo) * (part + 1) / splits;
+                float *pm = parts + t * H * (D + 2), *pl = pm + H, *po = pl + H;
+                attend(qkv + b * qkv_n, k_cache[l], v_cache[l], c_bf16, tables + b * width, BS, Hkv, G, D, j0, j1,
+                       scale, sc, pm, pl, po);
+            }
+            #pragma omp for schedule(static)
+            for (int64_t u = 0; u < B * H; u++) {
+                const int64_t b = u / H, h = u % H;
+                float *oh = attn + b * q_dim + h * D;
+                merge_shares(parts + b * splits * H * (D + 2), splits, H, D, h, oh);
                 if (xbw)
-                    for (int64_t i = 0; i < G * D; i++) xbw[b * q_dim + g * G * D + i] = round_bf16(o[i]);
+                    for (int64_t d = 0; d < D; d++) xbw[b * q_dim + h * D + d] = round_bf16(oh[d]);
             }
             matvec(w_o[l], w_bf16, b_o[l], attn, xbw, B, q_dim, hidden, x, hidden, 1);
             rms_norm(x, norm_post[l], B, hidden, eps, xn, xbw);

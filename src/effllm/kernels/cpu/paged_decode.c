@@ -1,95 +1,42 @@
-/* Paged decode attention over a float32 or bfloat16 KV cache: the CPU engine's fast path
-   (see effllm/kernels/cpu_paged_attention.py). q and out are float32 either way; a bfloat16 key or value
-   is widened in registers (it is the top half of a float32). */
-#include <math.h>
-#include <stdint.h>
+/* Paged decode attention: the CPU engine's fast path (see effllm/kernels/cpu_paged_attention.py).
+
+   `paged_decode` reads a float32 or bfloat16 cache (attention.h's shares, split over OpenMP threads);
+   `paged_decode_quant` below an int8 or int4 one (rows split over the caller's threads). q and out are
+   float32 either way. */
 #include <stdlib.h>
-#include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "attention.h"
 
-static inline float widen_bf16(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-#define LOAD_F32(x) (x)
-
-/* exp for the softmax, written so that the compiler vectorises it (libm's expf is a call per element):
-   Cephes' range reduction x = n ln2 + r and its degree-7 polynomial on |r| <= ln2 / 2, about 2 ulp. The
-   arguments here are scores minus their maximum (<= 0); below -87 the result is clamped to 2^-126 * e^r. */
-static inline float softmax_exp(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float n = nearbyintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
+/* B single queries q [B, H, D], one per sequence; row b sees keys lo[b] .. lens[b]-1 of its blocks
+   tables[b] (its query sits at lens[b]-1). `work` holds attention_work(B, H, D, max keys, threads) floats
+   (paged_decode_work). */
+int64_t paged_decode_work(int64_t B, int64_t H, int64_t D, int64_t max_keys, int64_t threads) {
+    return attention_work(B, H, D, max_keys, threads);
 }
 
-/* Rows [row_start, row_end) of a batch of single queries, one per sequence.
-   q, out: [B, H, D]; k_cache, v_cache: [blocks, BS, Hkv, D]; tables: [B, width], the sequence's blocks;
-   row b sees keys at positions lo[b] .. lens[b]-1 (its query sits at lens[b]-1). Tokens are the outer
-   loop, so each block is read front to back, all heads of a token at once. */
-#define PAGED_DECODE(NAME, T, LOAD) \
-void NAME(const float *q, const T *k_cache, const T *v_cache, const int64_t *tables, \
-                      int64_t width, const int64_t *lens, const int64_t *lo, int64_t H, int64_t Hkv, int64_t D, \
-                      int64_t BS, float scale, int64_t row_start, int64_t row_end, float *out) { \
-    const int64_t G = H / Hkv, token_stride = Hkv * D; \
-    int64_t most = 1; \
-    for (int64_t b = row_start; b < row_end; b++) \
-        if (lens[b] - lo[b] > most) most = lens[b] - lo[b]; \
-    float *scores = malloc(sizeof(float) * H * most); \
-    for (int64_t b = row_start; b < row_end; b++) { \
-        const int64_t n = lens[b] - lo[b]; \
-        const int64_t *table = tables + b * width; \
-        const float *qb = q + b * H * D; \
-        for (int64_t j = 0; j < n; j++) { \
-            const int64_t p = lo[b] + j; \
-            const T *kt = k_cache + (table[p / BS] * BS + p % BS) * token_stride; \
-            for (int64_t h = 0; h < H; h++) { \
-                const T *k = kt + (h / G) * D; \
-                const float *qh = qb + h * D; \
-                float s = 0.f; \
-                for (int64_t d = 0; d < D; d++) s += qh[d] * LOAD(k[d]); \
-                scores[h * n + j] = s * scale; \
-            } \
-        } \
-        for (int64_t h = 0; h < H; h++) { \
-            float *sh = scores + h * n, m = -INFINITY, sum = 0.f; \
-            for (int64_t j = 0; j < n; j++) m = sh[j] > m ? sh[j] : m; \
-            for (int64_t j = 0; j < n; j++) { sh[j] = softmax_exp(sh[j] - m); sum += sh[j]; } \
-            const float inv = 1.f / sum; \
-            for (int64_t j = 0; j < n; j++) sh[j] *= inv; \
-        } \
-        float *ob = out + b * H * D; \
-        memset(ob, 0, sizeof(float) * H * D); \
-        for (int64_t j = 0; j < n; j++) { \
-            const int64_t p = lo[b] + j; \
-            const T *vt = v_cache + (table[p / BS] * BS + p % BS) * token_stride; \
-            for (int64_t h = 0; h < H; h++) { \
-                const float w = scores[h * n + j]; \
-                const T *v = vt + (h / G) * D; \
-                float *oh = ob + h * D; \
-                for (int64_t d = 0; d < D; d++) oh[d] += w * LOAD(v[d]); \
-            } \
-        } \
-    } \
-    free(scores); \
+void paged_decode(const float *q, const void *k_cache, const void *v_cache, int cache_bf16, const int64_t *tables,
+                  int64_t width, const int64_t *lens, const int64_t *lo, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                  int64_t BS, float scale, int threads, float *work, float *out) {
+    int64_t max_keys = 1;
+    for (int64_t b = 0; b < B; b++)
+        if (lens[b] - lo[b] > max_keys) max_keys = lens[b] - lo[b];
+    const int64_t splits = key_splits(B, threads, max_keys), G = H / Hkv;
+    float *parts = work + (int64_t)threads * H * max_keys;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *sc = work + (int64_t)omp_get_thread_num() * H * max_keys;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < B * splits; t++) {
+            const int64_t b = t / splits, part = t % splits, n = lens[b] - lo[b];
+            const int64_t j0 = lo[b] + n * part / splits, j1 = lo[b] + n * (part + 1) / splits;
+            float *pm = parts + t * H * (D + 2);
+            attend(q + b * H * D, k_cache, v_cache, cache_bf16, tables + b * width, BS, Hkv, G, D, j0, j1, scale, sc,
+                   pm, pm + H, pm + 2 * H);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < B * H; u++)
+            merge_shares(parts + (u / H) * splits * H * (D + 2), splits, H, D, u % H, out + u * D);
+    }
 }
-
-PAGED_DECODE(paged_decode_f32, float, LOAD_F32)
-PAGED_DECODE(paged_decode_bf16, uint16_t, widen_bf16)
 
 /* The same over an int8 or int4 cache (effllm/kernels/kv_quant.py): each token-head holds codes c and a
    float16 step s and minimum m, x = c * s + m. Nothing is dequantized to memory: a score is

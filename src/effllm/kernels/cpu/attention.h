@@ -55,6 +55,24 @@ static inline float softmax_exp(float x) {  /* as in paged_decode.c: a vectorisa
 }
 
 #ifdef __AVX512F__
+/* Lane i of the result is the sum of the 16 lanes of v[i]: a transposing tree of unpacks and shuffles,
+   about 3 instructions per sum instead of a horizontal reduction each. */
+static inline __m512 sum16(const float *v) {
+    __m512 s[8], u[4], w[2];
+    for (int k = 0; k < 8; k++) {
+        const __m512 a = _mm512_loadu_ps(v + 32 * k), b = _mm512_loadu_ps(v + 32 * k + 16);
+        s[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    for (int k = 0; k < 4; k++)
+        u[k] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * k], s[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(s[2 * k], s[2 * k + 1], 0xEE));
+    for (int k = 0; k < 2; k++)
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 static inline __m512 load16(const void *cache, int bf16, int64_t at) {  /* 16 channels as float32 */
     if (bf16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -63,77 +81,180 @@ static inline __m512 load16(const void *cache, int bf16, int64_t at) {  /* 16 ch
 }
 #endif
 
-/* One share of one sequence's keys, positions j0 .. j1 - 1, for all H = Hkv G query heads q [H, D]:
-   scores into sc [H, j1 - j0], then per head its maximum m, sum of exp(score - m) l and the unnormalised
-   output o [H, D] = sum_j exp(score_j - m) v_j. Tokens are walked block by block, each token's keys (then
-   values) of every head read at once: a share is one front-to-back stream over its part of the cache. */
+/* The cache offset of each of tokens j0 .. j1 - 1 (position p lives in block table[p / BS] at p % BS). */
+static inline void token_offsets(const int64_t *table, int64_t BS, int64_t kv_dim, int64_t j0, int64_t j1, int64_t *at) {
+    for (int64_t p = j0; p < j1;) {
+        const int64_t in_block = p % BS, count = BS - in_block < j1 - p ? BS - in_block : j1 - p;
+        const int64_t first = (table[p / BS] * BS + in_block) * kv_dim;
+        for (int64_t t = 0; t < count; t++) at[p - j0 + t] = first + t * kv_dim;
+        p += count;
+    }
+}
+
+static void scores_portable(const float *q, const void *k_cache, int c_bf16, const int64_t *at, int64_t n,
+                            int64_t Hkv, int64_t G, int64_t D, float scale, float *sc) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t h = 0; h < Hkv * G; h++) {
+            const int64_t base = at[j] + (h / G) * D;
+            float s = 0.f;
+            for (int64_t d = 0; d < D; d++)
+                s += q[h * D + d] * (c_bf16 ? widen_bf16(((const uint16_t *)k_cache)[base + d]) : ((const float *)k_cache)[base + d]);
+            sc[h * n + j] = s * scale;
+        }
+}
+
+static void values_portable(const float *sc, const void *v_cache, int c_bf16, const int64_t *at, int64_t n,
+                            int64_t Hkv, int64_t G, int64_t D, float *o) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t h = 0; h < Hkv * G; h++) {
+            const int64_t base = at[j] + (h / G) * D;
+            const float w = sc[h * n + j];
+            for (int64_t d = 0; d < D; d++)
+                o[h * D + d] += w * (c_bf16 ? widen_bf16(((const uint16_t *)v_cache)[base + d]) : ((const float *)v_cache)[base + d]);
+        }
+}
+
+#ifdef __AVX512F__
+#define PREFETCH_AHEAD 8  /* tokens: the next blocks' rows are requested before they are read */
+
+/* Request token j + PREFETCH_AHEAD's row (every kv head) of `cache`: blocks are scattered, so the hardware
+   prefetcher restarts at each one; asking ahead keeps the memory stream going. */
+static inline void prefetch_row(const void *cache, int c_bf16, const int64_t *at, int64_t j, int64_t n, int64_t kv_dim) {
+    if (j + PREFETCH_AHEAD >= n) return;
+    const char *row = (const char *)cache + at[j + PREFETCH_AHEAD] * (c_bf16 ? 2 : 4);
+    const int64_t bytes = kv_dim * (c_bf16 ? 2 : 4);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+}
+
+/* Scores, 16 tokens at a time: each (head, token) dot product is left as 16 lanes in `lanes`, then a
+   head's 16 tokens are summed together by sum16 (not one horizontal sum each). A bfloat16 cache is read
+   with vdpbf16ps against the queries rounded to bfloat16 (32 channels an instruction, nothing widened). */
+static inline __attribute__((always_inline)) void scores_avx512_body(const float *q, const void *k_cache, int c_bf16, const int64_t *at, int64_t n,
+                          int64_t Hkv, int64_t G, const int64_t D, float scale, float *sc, float *lanes, uint16_t *qb) {
+    const int64_t H = Hkv * G, C = D / 16;
+#ifdef __AVX512BF16__
+    if (c_bf16)
+        for (int64_t i = 0; i < H * D; i++) qb[i] = round_bf16(q[i]);
+#else
+    (void)qb;
+#endif
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        const int64_t tn = n - j0 < 16 ? n - j0 : 16;
+        for (int64_t t = 0; t < tn; t++) {
+            prefetch_row(k_cache, c_bf16, at, j0 + t, n, Hkv * D);
+            for (int64_t g = 0; g < Hkv; g++) {
+                const int64_t base = at[j0 + t] + g * D;
+#ifdef __AVX512BF16__
+                if (c_bf16 && D % 32 == 0) {
+                    const uint16_t *k = (const uint16_t *)k_cache + base;
+                    for (int64_t h = g * G; h < (g + 1) * G; h++) {
+                        __m512 acc = _mm512_setzero_ps();
+                        for (int64_t c = 0; c < D; c += 32)
+                            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(qb + h * D + c)),
+                                                   (__m512bh)_mm512_loadu_si512((const void *)(k + c)));
+                        _mm512_storeu_ps(lanes + (h * 16 + t) * 16, acc);
+                    }
+                    continue;
+                }
+#endif
+                __m512 kv[16];
+                for (int64_t c = 0; c < C; c++) kv[c] = load16(k_cache, c_bf16, base + 16 * c);
+                for (int64_t h = g * G; h < (g + 1) * G; h++) {
+                    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + h * D), kv[0]);
+                    for (int64_t c = 1; c < C; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + 16 * c), kv[c], acc);
+                    _mm512_storeu_ps(lanes + (h * 16 + t) * 16, acc);
+                }
+            }
+        }
+        for (int64_t h = 0; h < H; h++) {
+            if (tn == 16) {
+                _mm512_storeu_ps(sc + h * n + j0, _mm512_mul_ps(sum16(lanes + h * 256), _mm512_set1_ps(scale)));
+            } else {
+                for (int64_t t = 0; t < tn; t++)
+                    sc[h * n + j0 + t] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes + (h * 16 + t) * 16)) * scale;
+            }
+        }
+    }
+}
+
+
+/* The body with the head dim a constant where it is a common one, so its loops unroll. */
+static void scores_avx512(const float *q, const void *k_cache, int c_bf16, const int64_t *at, int64_t n,
+                          int64_t Hkv, int64_t G, int64_t D, float scale, float *sc, float *lanes, uint16_t *qb) {
+    if (D == 64) scores_avx512_body(q, k_cache, c_bf16, at, n, Hkv, G, 64, scale, sc, lanes, qb);
+    else if (D == 128) scores_avx512_body(q, k_cache, c_bf16, at, n, Hkv, G, 128, scale, sc, lanes, qb);
+    else scores_avx512_body(q, k_cache, c_bf16, at, n, Hkv, G, D, scale, sc, lanes, qb);
+}
+
+/* Weighted values, a kv head at a time: the outputs of as many of its G heads as 24 registers hold stay in
+   registers over every token; each token's value row is widened once for them. */
+static inline __attribute__((always_inline)) void values_avx512_body(const float *sc, const void *v_cache, int c_bf16, const int64_t *at, int64_t n,
+                          int64_t Hkv, int64_t G, const int64_t D, float *o) {
+    const int64_t C = D / 16, per = 24 / C < 1 ? 1 : 24 / C;
+    for (int64_t g = 0; g < Hkv; g++)
+        for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += per) {
+            const int64_t hn = (g + 1) * G - h0 < per ? (g + 1) * G - h0 : per;
+            __m512 acc[24];
+            for (int64_t i = 0; i < hn * C; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j++) {
+                if (g == 0 && h0 == 0) prefetch_row(v_cache, c_bf16, at, j, n, Hkv * D);
+                __m512 v[16];
+                for (int64_t c = 0; c < C; c++) v[c] = load16(v_cache, c_bf16, at[j] + g * D + 16 * c);
+                for (int64_t hh = 0; hh < hn; hh++) {
+                    const __m512 w = _mm512_set1_ps(sc[(h0 + hh) * n + j]);
+                    for (int64_t c = 0; c < C; c++) acc[hh * C + c] = _mm512_fmadd_ps(w, v[c], acc[hh * C + c]);
+                }
+            }
+            for (int64_t hh = 0; hh < hn; hh++)
+                for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(o + (h0 + hh) * D + 16 * c, acc[hh * C + c]);
+        }
+}
+
+static void values_avx512(const float *sc, const void *v_cache, int c_bf16, const int64_t *at, int64_t n,
+                          int64_t Hkv, int64_t G, int64_t D, float *o) {
+    if (D == 64) values_avx512_body(sc, v_cache, c_bf16, at, n, Hkv, G, 64, o);
+    else if (D == 128) values_avx512_body(sc, v_cache, c_bf16, at, n, Hkv, G, 128, o);
+    else values_avx512_body(sc, v_cache, c_bf16, at, n, Hkv, G, D, o);
+}
+#endif
+
+/* One share of one sequence's keys, positions j0 .. j1 - 1, for all H = Hkv G query heads q [H, D]: per
+   head its maximum score m, sum of exp(score - m) l and the unnormalised output o [H, D] =
+   sum_j exp(score_j - m) v_j. `sc` is scratch of attend_scratch(H, n) floats. */
+static inline int64_t attend_scratch(int64_t H, int64_t D, int64_t n) {
+    return H * n + H * 256 + (H * D + 1) / 2 + 2 * n + 4;  /* scores, lanes, bfloat16 queries, offsets */
+}
+
 static void attend(const float *restrict q, const void *k_cache, const void *v_cache, int c_bf16,
                    const int64_t *table, int64_t BS, int64_t Hkv, int64_t G, int64_t D, int64_t j0, int64_t j1,
                    float scale, float *restrict sc, float *m, float *l, float *restrict o) {
-    const int64_t n = j1 - j0, H = Hkv * G, kv_dim = Hkv * D;
+    const int64_t n = j1 - j0, H = Hkv * G;
     memset(o, 0, sizeof(float) * H * D);
     for (int64_t h = 0; h < H; h++) { m[h] = -INFINITY; l[h] = 0.f; }
     if (n <= 0) return;
+    float *lanes = sc + H * n;
+    uint16_t *qb = (uint16_t *)(lanes + H * 256);
+    int64_t *at = (int64_t *)(sc + H * n + H * 256 + (H * D + 1) / 2 + 1);
+    at = (int64_t *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
+    token_offsets(table, BS, Hkv * D, j0, j1, at);
 #ifdef __AVX512F__
-    const int vec = D % 16 == 0 && D <= 256;
-#else
-    const int vec = 0;
+    const int vec = D % 16 == 0 && D <= 256;  /* at most 16 vectors of a head's channels */
+    if (vec) scores_avx512(q, k_cache, c_bf16, at, n, Hkv, G, D, scale, sc, lanes, qb);
+    else
 #endif
-    for (int pass = 0; pass < 2; pass++) {  /* 0: scores, 1: weighted values */
-        if (pass == 1)
-            for (int64_t h = 0; h < H; h++) {
-                float *s = sc + h * n, mh = -INFINITY, sum = 0.f;
-                for (int64_t j = 0; j < n; j++) mh = s[j] > mh ? s[j] : mh;
-                for (int64_t j = 0; j < n; j++) { s[j] = softmax_exp(s[j] - mh); sum += s[j]; }
-                m[h] = mh;
-                l[h] = sum;
-            }
-        const void *cache = pass == 0 ? k_cache : v_cache;
-        for (int64_t p = j0; p < j1;) {
-            const int64_t in_block = p % BS, count = BS - in_block < j1 - p ? BS - in_block : j1 - p;
-            const int64_t first = (table[p / BS] * BS + in_block) * kv_dim;
-            for (int64_t t = 0; t < count; t++) {
-                const int64_t j = p - j0 + t;
-                for (int64_t g = 0; g < Hkv; g++) {
-                    const int64_t at = first + t * kv_dim + g * D;
-                    if (vec) {
-#ifdef __AVX512F__
-                        __m512 kv[16];
-                        for (int64_t c = 0; c < D / 16; c++) kv[c] = load16(cache, c_bf16, at + 16 * c);
-                        for (int64_t h = g * G; h < (g + 1) * G; h++) {
-                            if (pass == 0) {
-                                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + h * D), kv[0]);
-                                for (int64_t c = 1; c < D / 16; c++)
-                                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + 16 * c), kv[c], acc);
-                                sc[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
-                            } else {
-                                const __m512 w = _mm512_set1_ps(sc[h * n + j]);
-                                for (int64_t c = 0; c < D / 16; c++) {
-                                    float *oc = o + h * D + 16 * c;
-                                    _mm512_storeu_ps(oc, _mm512_fmadd_ps(w, kv[c], _mm512_loadu_ps(oc)));
-                                }
-                            }
-                        }
-#endif
-                    } else {
-                        for (int64_t h = g * G; h < (g + 1) * G; h++) {
-                            if (pass == 0) {
-                                float s = 0.f;
-                                for (int64_t d = 0; d < D; d++)
-                                    s += q[h * D + d] * (c_bf16 ? widen_bf16(((const uint16_t *)cache)[at + d]) : ((const float *)cache)[at + d]);
-                                sc[h * n + j] = s * scale;
-                            } else {
-                                const float w = sc[h * n + j];
-                                for (int64_t d = 0; d < D; d++)
-                                    o[h * D + d] += w * (c_bf16 ? widen_bf16(((const uint16_t *)cache)[at + d]) : ((const float *)cache)[at + d]);
-                            }
-                        }
-                    }
-                }
-            }
-            p += count;
-        }
+        scores_portable(q, k_cache, c_bf16, at, n, Hkv, G, D, scale, sc);
+    for (int64_t h = 0; h < H; h++) {
+        float *s = sc + h * n, mh = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < n; j++) mh = s[j] > mh ? s[j] : mh;
+        for (int64_t j = 0; j < n; j++) { s[j] = softmax_exp(s[j] - mh); sum += s[j]; }
+        m[h] = mh;
+        l[h] = sum;
     }
+#ifdef __AVX512F__
+    if (vec) values_avx512(sc, v_cache, c_bf16, at, n, Hkv, G, D, o);
+    else
+#endif
+        values_portable(sc, v_cache, c_bf16, at, n, Hkv, G, D, o);
 }
 
 /* Head h of one sequence from its `splits` shares (each [H maxima | H sums | H x D outputs]): the softmax
@@ -164,8 +285,9 @@ static inline int64_t key_splits(int64_t B, int64_t threads, int64_t max_keys) {
     return splits < 1 ? 1 : splits;
 }
 
-/* Floats of scratch `attend` and the shares need: scores [threads, H, max_keys] and parts [B splits, H (D + 2)]. */
+/* Floats of scratch `attend` and the shares need: per thread attend_scratch for the longest share, and
+   parts [B splits, H (D + 2)]. */
 static inline int64_t attention_work(int64_t B, int64_t H, int64_t D, int64_t max_keys, int64_t threads) {
-    return threads * H * max_keys + B * key_splits(B, threads, max_keys) * H * (D + 2);
+    return threads * (attend_scratch(H, D, max_keys) + 2) + B * key_splits(B, threads, max_keys) * H * (D + 2);
 }
 #endif

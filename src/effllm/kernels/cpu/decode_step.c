@@ -160,7 +160,7 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
     /* work: xn [B, widest] | qkv [B, qkv_n] | attn [B, q_dim] | gu [B, 2 inter] | scores [threads, H, max_keys]
        | parts [B splits, H (D + 2)] | xb (bfloat16) */
     float *xn = work, *qkv = xn + B * widest, *attn = qkv + B * qkv_n, *gu = attn + B * q_dim;
-    float *scores = gu + B * 2 * inter, *parts = scores + (int64_t)threads * H * max_keys;
+    float *scores = gu + B * 2 * inter, *parts = scores + (int64_t)threads * (attend_scratch(H, D, max_keys) + 2);
     uint16_t *xb = (uint16_t *)(scores + attention_work(B, H, D, max_keys, threads));
 #ifndef HAVE_DPBF16
     xb = NULL;
@@ -169,7 +169,7 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
 
     #pragma omp parallel num_threads(threads)
     {
-        float *sc = scores + (int64_t)omp_get_thread_num() * H * max_keys;
+        float *sc = scores + (int64_t)omp_get_thread_num() * (attend_scratch(H, D, max_keys) + 2);
         for (int64_t l = 0; l < L; l++) {
             rms_norm(x, norm_in[l], B, hidden, eps, xn, xbw);
             matvec(w_qkv[l], w_bf16, b_qkv[l], xn, xbw, B, hidden, qkv_n, qkv, qkv_n, 0);

@@ -20,10 +20,10 @@ void paged_decode(const float *q, const void *k_cache, const void *v_cache, int 
     for (int64_t b = 0; b < B; b++)
         if (lens[b] - lo[b] > max_keys) max_keys = lens[b] - lo[b];
     const int64_t splits = key_splits(B, threads, max_keys), G = H / Hkv;
-    float *parts = work + (int64_t)threads * H * max_keys;
+    float *parts = work + (int64_t)threads * (attend_scratch(H, D, max_keys) + 2);
     #pragma omp parallel num_threads(threads)
     {
-        float *sc = work + (int64_t)omp_get_thread_num() * H * max_keys;
+        float *sc = work + (int64_t)omp_get_thread_num() * (attend_scratch(H, D, max_keys) + 2);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < B * splits; t++) {
             const int64_t b = t / splits, part = t % splits, n = lens[b] - lo[b];
@@ -55,24 +55,6 @@ static inline float widen_f16(uint16_t h) {
 }
 
 #ifdef __AVX512F__
-/* Lane i of the result is the sum of the 16 lanes of v[i]: a transposing tree of unpacks and shuffles,
-   about 3 instructions per sum instead of a horizontal reduction each. */
-static inline __m512 sum16(const float *v) {
-    __m512 s[8], u[4], w[2];
-    for (int k = 0; k < 8; k++) {
-        const __m512 a = _mm512_loadu_ps(v + 32 * k), b = _mm512_loadu_ps(v + 32 * k + 16);
-        s[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    }
-    for (int k = 0; k < 4; k++)
-        u[k] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * k], s[2 * k + 1], 0x44),
-                             _mm512_shuffle_ps(s[2 * k], s[2 * k + 1], 0xEE));
-    for (int k = 0; k < 2; k++)
-        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 /* Scores of one sequence over int8/int4 codes, 16 tokens at a time: each token's codes widened once for
    the G query heads of its kv head, the 16 x G dot products reduced together by sum16. qd holds the
    queries in the codes' channel order (deinterleaved for int4). */

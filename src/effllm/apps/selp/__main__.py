@@ -1,11 +1,13 @@
-"""`python -m effllm.apps.selp [--model M] [--samples N]`: the SELP demo (effllm.apps.selp.demo) as a table."""
+"""`python -m effllm.apps.selp [--model M] [--samples N]`: the SELP demo (effllm.apps.selp.demo) as a table.
+`--write-data FILE` writes the fine-tuning text instead (instruction -> formula and plan pairs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from effllm.apps.selp.demo import TASKS, run_task
+from effllm.apps.selp.demo import TASKS, run_task, training_text
 
 
 def main() -> None:
@@ -14,7 +16,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=10, help="formulas sampled per instruction")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--write-data", default=None, metavar="FILE", help="write the fine-tuning text and stop")
     args = p.parse_args()
+    if args.write_data:
+        Path(args.write_data).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write_data).write_text(training_text())
+        print(f"wrote {args.write_data}")
+        return
     from effllm.engine import LLM
     from effllm.models.default import model_or_default
 
@@ -33,8 +41,10 @@ def main() -> None:
             f"{' '.join(r.plan)} | {r.plan_ok} | {' '.join(r.baseline_plan)} | {r.baseline_ok} |"
         )
     n = len(results)
+    sampled = sum(r.samples_correct for r in results)
+    print(f"\nsampled formulas equivalent to the reference: {sampled}/{n * args.samples}", end="")
     print(
-        f"\nformulas equivalent to the reference: {sum(r.formula_correct for r in results)}/{n}; plans satisfying "
+        f"; voted formulas: {sum(r.formula_correct for r in results)}/{n}; plans satisfying "
         f"the reference: SELP {sum(r.plan_ok for r in results)}/{n}, trie only {sum(r.baseline_ok for r in results)}/{n}"
     )
 

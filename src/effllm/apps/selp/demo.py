@@ -4,10 +4,16 @@ For each instruction: sample `samples` formulas from the model (few-shot prompt,
 to the formula syntax by an EBNF grammar), vote by automaton equivalence, then decode a plan under the
 winner's automaton and, as the baseline, under the predicate trie alone. Each result says whether the
 voted formula is equivalent to the reference translation and whether each plan satisfies the reference.
+
+`training_text` writes instruction -> formula and instruction -> plan pairs from the same templates for a
+small fine-tune (`python -m effllm.apps.selp --write-data FILE`, then `effllm train`; docs/decoding.md);
+the demo's own instructions (TASKS) are held out of it.
 """
 
 from __future__ import annotations
 
+import itertools
+import random
 from dataclasses import dataclass
 
 from effllm.apps.selp.dfa import compile_ltl, equivalent
@@ -33,12 +39,40 @@ TASKS = [
 ]
 
 
+# instruction, formula and plan templates over rooms a, b, c
+TEMPLATES = [
+    ("Go to the {a}, then the {b}.", "F ({a} & F {b})", "{a} {b}"),
+    ("Visit the {a} and the {b}, in any order.", "F {a} & F {b}", "{a} {b}"),
+    ("Go to the {a} but never enter the {b}.", "F {a} & G !{b}", "{a}"),
+    ("Do not enter the {a} before the {b}, and end in the {a}.", "(!{a} U {b}) & F {a}", "{b} {a}"),
+    ("Visit the {a}, then the {b}, then the {c}.", "F ({a} & F ({b} & F {c}))", "{a} {b} {c}"),
+    ("Go to the {a} and never the {b}.", "F {a} & G !{b}", "{a}"),
+]
+
+
+def training_text(seed: int = 0) -> str:
+    """Every template over every ordered choice of rooms, as formula and plan examples, shuffled; the
+    instructions of TASKS are left out."""
+    held_out = {instruction for instruction, _ in TASKS}
+    examples = []
+    for instruction, formula, plan in TEMPLATES:
+        for a, b, c in itertools.permutations(ROOMS, 3):
+            text = instruction.format(a=a, b=b, c=c)
+            if text in held_out:
+                continue
+            steps = plan.format(a=a, b=b, c=c).split()
+            examples.append(f"Instruction: {text}\nFormula: {formula.format(a=a, b=b, c=c)}\n\n")
+            examples.append(f"Instruction: {text}\nPlan:\n" + "".join(x + "\n" for x in steps) + "\n")
+    random.Random(seed).shuffle(examples)
+    return "".join(examples)
+
+
 def formula_grammar(predicates: list[str]) -> str:
     """The formula syntax as EBNF (xgrammar's dialect), one formula then a newline."""
     atoms = " | ".join(f'"{p}"' for p in predicates)
     return "\n".join(
         [
-            'root ::= disj "\\n"',
+            'root ::= " " disj "\\n"',
             'disj ::= conj (" | " conj)*',
             'conj ::= unary (" & " unary)*',
             'unary ::= "!" unary | "F " unary | "G " unary | "X " unary | atom | "(" disj ")" | "(" disj " U " disj ")"',
@@ -49,7 +83,7 @@ def formula_grammar(predicates: list[str]) -> str:
 
 def translation_prompt(instruction: str) -> str:
     shots = "".join(f"Instruction: {i}\nFormula: {f}\n\n" for i, f, _ in EXAMPLES)
-    return f"{shots}Instruction: {instruction}\nFormula: "
+    return f"{shots}Instruction: {instruction}\nFormula:"  # the formula's first token carries its space
 
 
 def plan_prompt(instruction: str) -> str:
@@ -65,6 +99,7 @@ class TaskResult:
     reference: str
     votes: list[int]  # class sizes, largest first
     invalid: int
+    samples_correct: int  # sampled formulas equivalent to the reference
     formula: str | None
     formula_correct: bool
     plan: list[str]
@@ -92,6 +127,7 @@ def run_task(
     formulas += [""] * (samples - len(formulas))  # cut off: counted as invalid
     vote = majority_vote(formulas, ROOMS)
     gold = compile_ltl(reference, ROOMS)
+    correct = sum(len(c) for c in vote.classes if equivalent(compile_ltl(c[0], ROOMS), gold))
     dfa = vote.dfa if vote.dfa is not None else compile_ltl("true", ROOMS)
     plan, _ = decode_plan(llm, plan_prompt(instruction), PlanConstraint(ROOMS, dfa), max_steps=12)
     baseline, _ = decode_plan(llm, plan_prompt(instruction), PlanConstraint(ROOMS), max_steps=12)
@@ -100,6 +136,7 @@ def run_task(
         reference,
         [len(c) for c in vote.classes],
         len(vote.invalid),
+        correct,
         vote.winner,
         vote.dfa is not None and equivalent(vote.dfa, gold),
         plan,

@@ -28,6 +28,7 @@ class CompiledPlan:
     trie: TokenTrie
     below: list[frozenset[int]]  # per trie node: the predicates whose path passes through it
     stop_token_ids: frozenset[int]
+    end_line: int  # the separator's token: at the start of a line, an empty line ends the plan
 
 
 class PlanConstraint(Constraint):
@@ -58,7 +59,8 @@ class PlanConstraint(Constraint):
             for token in ids:
                 node = trie.children[node][token]
                 below[node].add(index)
-        return CompiledPlan(trie, [frozenset(b) for b in below], frozenset(stop_token_ids))
+        (end_line,) = tokenizer.encode(SEPARATOR, add_special_tokens=False)[:1]
+        return CompiledPlan(trie, [frozenset(b) for b in below], frozenset(stop_token_ids), end_line)
 
     def matcher(self, compiled: CompiledPlan) -> PlanGrammar:
         return PlanGrammar(compiled, self.dfa, self.no_repeat, self.stop_at_acceptance)
@@ -71,6 +73,11 @@ class PlanGrammar(Grammar):
         self.stack: list[tuple[int, int, int | None]] = [(0, 0, None)]  # (automaton state, node, last)
         self.done = False
         self.done_at = -1  # stack depth when the end token was accepted
+
+    @property
+    def ended(self) -> bool:
+        """After the plan's empty line: only an end token may follow."""
+        return self.stack[-1][1] == -1
 
     # ------------------------------------------------------------------ what is allowed
     def allowed_predicates(self) -> frozenset[int]:
@@ -91,7 +98,7 @@ class PlanGrammar(Grammar):
         return node == 0 and (self.dfa is None or state in self.dfa.accepting)
 
     def _allowed_tokens(self) -> set[int]:
-        if self.done:
+        if self.done or self.ended:
             return set(self.c.stop_token_ids)
         if self.stop_at_acceptance and self.may_end():
             return set(self.c.stop_token_ids)
@@ -100,6 +107,8 @@ class PlanGrammar(Grammar):
         tokens = {t for t, child in self.c.trie.children[node].items() if self.c.below[child] & allowed}
         if self.may_end() or not tokens:  # no way on: let the plan end rather than emit nothing
             tokens |= self.c.stop_token_ids
+            if node == 0:
+                tokens.add(self.c.end_line)
         return tokens
 
     # ------------------------------------------------------------------ the Grammar interface
@@ -114,6 +123,9 @@ class PlanGrammar(Grammar):
             self.stack.append(self.stack[-1])
             return True
         state, node, last = self.stack[-1]
+        if node == 0 and token == self.c.end_line and token not in self.c.trie.children[0]:
+            self.stack.append((state, -1, last))  # the empty line: the plan is over
+            return True
         child = self.c.trie.children[node][token]
         end = self.c.trie.ends[child]
         if end is None:

@@ -22,7 +22,9 @@ SIGNATURE = {"paged_decode_work": ([ctypes.c_int64] * 5, ctypes.c_int64)}
 @pytest.mark.skipif(not build.shutil.which("cc"), reason="no C compiler")
 def test_a_kernel_is_compiled_once_and_cached_by_source_flags_and_cpu(fresh_cache):
     lib = build.load_kernel("paged_decode.c", SIGNATURE)
-    assert lib is not None and 0 < lib.paged_decode_work(2, 4, 8, 100, 1) < lib.paged_decode_work(2, 4, 8, 200, 1)
+    assert lib is not None and 0 < lib.paged_decode_work(2, 4, 8, 100, 1) < lib.paged_decode_work(
+        2, 4, 8, 200, 1
+    )
     [built] = fresh_cache.glob("paged_decode_*.so")
     assert build.load_kernel("paged_decode.c", SIGNATURE) is lib  # once per process
     build._load.cache_clear()

@@ -90,47 +90,17 @@ def paged_decode_attention_cpu(
     b, h, d = q.shape
     out = torch.empty_like(q)
     lib = _library()
+    caches = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
+    pages = (block_tables.data_ptr(), block_tables.shape[1], lens.data_ptr(), lo.data_ptr())
+    heads = (k_cache.shape[2], d, k_cache.shape[1], scale)  # kv heads, head dim, block size, scale
     if kv_bits is None:
         threads = torch.get_num_threads()
         max_keys = int((lens - lo).max())
         work = torch.empty(lib.paged_decode_work(b, h, d, max_keys, threads), dtype=torch.float32)
-        lib.paged_decode(
-            q.data_ptr(),
-            k_cache.data_ptr(),
-            v_cache.data_ptr(),
-            int(k_cache.dtype == torch.bfloat16),
-            block_tables.data_ptr(),
-            block_tables.shape[1],
-            lens.data_ptr(),
-            lo.data_ptr(),
-            b,
-            h,
-            k_cache.shape[2],
-            d,
-            k_cache.shape[1],
-            scale,
-            threads,
-            work.data_ptr(),
-            out.data_ptr(),
-        )
+        bf16 = int(k_cache.dtype == torch.bfloat16)
+        lib.paged_decode(*caches, bf16, *pages, b, h, *heads, threads, work.data_ptr(), out.data_ptr())
         return out.to(q_dtype)
-    args = (
-        q.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        k_params.data_ptr(),
-        v_params.data_ptr(),
-        block_tables.data_ptr(),
-        block_tables.shape[1],
-        lens.data_ptr(),
-        lo.data_ptr(),
-        h,
-        k_cache.shape[2],
-        d,
-        k_cache.shape[1],
-        scale,
-        kv_bits,
-    )
+    args = (*caches, k_params.data_ptr(), v_params.data_ptr(), *pages, h, *heads, kv_bits)
     if len(splits) > 1 and _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="effllm-attn")
     kernel = lib.paged_decode_quant

@@ -248,3 +248,12 @@ def test_llm_embed_pools_the_final_hidden_states(llm):
     torch.testing.assert_close(got[1], embed(model, [[5, 6, 7]], "last")[0])
     with pytest.raises(InputError, match="pooling"):
         llm.embed("It was", pooling="max")
+
+
+def test_ebnf_and_lark_grammars_both_constrain(llm):
+    ebnf = 'root ::= ("Hello" | "Dear") " " [A-Z] [a-z]+ "!"'
+    lark = 'start: greeting " " name "!"\ngreeting: "Hello" | "Dear"\nname: /[A-Z][a-z]+/'
+    for grammar in (ebnf, lark):
+        outs = generate(llm, PROMPTS, temperature=1.0, seed=7, max_tokens=24, structured={"grammar": grammar})
+        for o in outs:
+            assert re.fullmatch(r"(Hello|Dear) [A-Z][a-z]+!", o.text) or o.finish_reason == "length", o.text

@@ -30,7 +30,24 @@ def register(subparsers) -> None:
         help="quantize or prune a model (compressed-tensors checkpoints)",
         description="Model compression.",
     )
-    sub = p.add_subparsers(dest="compress_command", metavar="{quantize,prune,import-gguf}", required=True)
+    sub = p.add_subparsers(
+        dest="compress_command", metavar="{quantize,prune,merge-lora,import-gguf}", required=True
+    )
+    m = sub.add_parser(
+        "merge-lora",
+        help="fold a LoRA adapter (PEFT layout) into its base model: one ordinary checkpoint",
+        description="W += scale * B @ A for every adapted projection of the base; the result loads anywhere "
+        "the base does (transformers too). The base must be dense (merge into the unquantized model).",
+    )
+    m.add_argument(
+        "--model", default=None, help="the base checkpoint (default: the adapter's base_model_name_or_path)"
+    )
+    m.add_argument(
+        "--adapter", required=True, help="the adapter folder (adapter_config.json, adapter_model.safetensors)"
+    )
+    m.add_argument("--out", required=True, help="folder of the merged model")
+    m.add_argument("--dtype", default=None, help="dtype of the merged model (default: the base's)")
+    m.set_defaults(func=run_merge_lora)
     g = sub.add_parser(
         "import-gguf",
         help="convert a llama GGUF file (llama.cpp) into a checkpoint folder EffLLM runs",
@@ -284,6 +301,24 @@ def _heldout_perplexity(model, tokenizer) -> float:
 
     text = " ".join(heldout_text().split(" ")[:20000])
     return round(perplexity(model, tokenizer, text, batch_size=8).token_perplexity, 3)
+
+
+def run_merge_lora(args: argparse.Namespace) -> int:
+    from effllm.models import load_model, load_tokenizer, save_model
+    from effllm.models.hub import resolve_model_path
+    from effllm.models.lora import merge_lora
+    from effllm.models.peft_adapter import adapter_base_model, load_adapter
+
+    base = args.model or adapter_base_model(args.adapter)
+    if not base:
+        raise InputError(f"{args.adapter} names no base model; pass --model")
+    model = load_model(base, dtype=args.dtype, device="cpu")
+    config = load_adapter(model, args.adapter)
+    count = merge_lora(model)
+    tokenizer = load_tokenizer(base) if (resolve_model_path(base) / "tokenizer.json").is_file() else None
+    save_model(model, args.out, tokenizer=tokenizer)
+    print(f"merged {count} adapters (rank {config.rank}) of {args.adapter} into {base}: wrote {args.out}")
+    return 0
 
 
 def run_import_gguf(args: argparse.Namespace) -> int:

@@ -105,6 +105,20 @@ class TrainConfig:
     target_params: int | None = option(
         None, "--method pruning-aware: the final model's parameter count (e.g. 9.05e6)"
     )
+    lora_rank: int = option(16, "--method lora/qlora: the adapters' rank r")
+    lora_alpha: float = option(32.0, "--method lora/qlora: the scale's numerator (scale alpha / r)")
+    lora_targets: list[str] = option(
+        ["q_proj", "v_proj"],
+        "--method lora/qlora: projections that get adapters (q_proj ... down_proj, or all-linear)",
+        metavar="NAME",
+    )
+    lora_dropout: float = option(0.0, "--method lora/qlora: dropout on the adapters' input")
+    lora_rslora: bool = option(
+        False, "--method lora/qlora: scale alpha / sqrt(r) (rsLoRA) instead of alpha / r"
+    )
+    lora_base_scheme: str | None = option(
+        None, "--method qlora: how the frozen base is quantized: w4a16 (default, groups of 32) or w8a16"
+    )
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -188,6 +202,12 @@ class TrainConfig:
             raise ConfigError(
                 "--target-params sets the size --method pruning-aware prunes to; add that method"
             )
+        if self.lora_base_scheme is not None and self.method != "qlora":
+            raise ConfigError("--lora-base-scheme sets the base of --method qlora; add that method")
+        if self.method in ("lora", "qlora"):
+            from effllm.train.lora import lora_config
+
+            lora_config(self)  # ConfigError for a bad rank, dropout or target now
         if self.target_params is not None and self.target_params < 1:
             raise ConfigError(f"--target-params must be positive, got {self.target_params}")
         for f in dataclasses.fields(self):

@@ -9,6 +9,8 @@ A callback is any object with some of these methods; the trainer calls those it 
 - `state_dict()` / `load_state_dict(state)`: saved in each checkpoint (per process) and restored on resume.
 - `final_model(model)`: the model the run writes at the end, made from the trained one (pruning-aware
   training returns a smaller model here).
+- `save_final(model, folder)`: writes the run's result itself instead of the whole model (LoRA writes its
+  adapter).
 
 A method registers a factory, `register_method(name, factory)`, and is then chosen with
 `effllm train --method NAME --method-options k=v ...`. The factory is called once the trainer is set up
@@ -16,8 +18,10 @@ as `factory(trainer, **options)` (model, optimizer, data and config are its attr
 callback or a list of them. A method that changes the objective instead passes `loss_fn` to `Trainer`.
 Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.lisa` / `.owlore` take)
 `early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`),
-`keep-sparsity` (fine-tuning a pruned model keeps its zeros) and `pruning-aware` (the model shrinks to
-`--target-params` while it trains; options in `effllm.train.pruning_aware`).
+`keep-sparsity` (fine-tuning a pruned model keeps its zeros), `pruning-aware` (the model shrinks to
+`--target-params` while it trains; options in `effllm.train.pruning_aware`), and `lora` / `qlora` (an
+adapter on a frozen, for qlora quantized, base; `--lora-*` flags, `effllm.train.lora`). A method may also
+register `prepare_model(model, config)`, run before the optimizer is built.
 """
 
 from __future__ import annotations
@@ -36,14 +40,21 @@ class Method:
     factory: MethodFactory
     # The method sets requires_grad during training: DDP must then allow parameters without gradients.
     freezes_parameters: bool = False
+    # Changes the model before the optimizer is built (adapters, a quantized base): (model, config) -> model.
+    prepare_model: Callable[[Any, Any], Any] | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, factory: MethodFactory, freezes_parameters: bool = False) -> None:
+def register_method(
+    name: str,
+    factory: MethodFactory,
+    freezes_parameters: bool = False,
+    prepare_model: Callable[[Any, Any], Any] | None = None,
+) -> None:
     """Make `factory` available as `--method name`."""
-    METHODS[name] = Method(factory, freezes_parameters)
+    METHODS[name] = Method(factory, freezes_parameters, prepare_model)
 
 
 def get_method(name: str) -> Method:
@@ -138,6 +149,22 @@ def _pruning_aware(trainer: Any, **options: Any) -> Any:
 
 
 register_method("pruning-aware", _pruning_aware)
+
+
+def _prepare_lora(model: Any, config: Any) -> Any:
+    from effllm.train.lora import prepare_lora
+
+    return prepare_lora(model, config)
+
+
+def _lora(trainer: Any) -> Any:
+    from effllm.train.lora import LoRATraining
+
+    return LoRATraining(trainer)
+
+
+register_method("lora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)
+register_method("qlora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)
 
 
 def call_hook(callbacks: list[Any], hook: str, *args: Any) -> None:

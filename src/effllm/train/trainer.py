@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from effllm.core.errors import ConfigError
-from effllm.models.checkpoint import load_config, load_model
+from effllm.core.errors import CheckpointError, ConfigError
+from effllm.models.checkpoint import load_config, load_model, weight_files
 from effllm.models.config import ModelConfig
 from effllm.models.default import default_model_path
 from effllm.models.hub import resolve_model_path
+from effllm.models.safetensors_io import iter_tensors
 from effllm.models.tokenizer import load_tokenizer
 from effllm.models.transformer import CausalLM
 from effllm.optim import build_optimizer, optimizer_options, requires_backward, steps_in_backward
@@ -192,8 +193,16 @@ class Trainer:
             cfg.optimizer
         )  # an unknown name fails now, listing the names, before any model is built
 
-        freezes = get_method(cfg.method).freezes_parameters if cfg.method else False
-        self.model = wrap_model(self._build_model(checkpoint), cfg.parallel, env, freezes)
+        method = get_method(cfg.method) if cfg.method else None
+        prepare = method.prepare_model if method is not None else None
+        # A method that changes the model (adapters, a quantized base) rebuilds it from the base; a
+        # checkpoint's weights, which hold those changes, are loaded into it after.
+        model = self._build_model(None if prepare else checkpoint)
+        if prepare is not None:
+            model = prepare(model, cfg)
+            if checkpoint is not None and cfg.parallel != "fsdp":
+                _load_weights(model, checkpoint)
+        self.model = wrap_model(model, cfg.parallel, env, method is not None and method.freezes_parameters)
         options = dict(cfg.optimizer_options)
         if options.get(
             "layerwise"
@@ -337,6 +346,7 @@ class Trainer:
         progress = Progress(cfg.steps, self.step, cfg.log_every, enabled=env.is_main)
         has_held_out = len(self.data.held_out_indices) > 0
         row: dict[str, Any] = {}
+        saver = next((c for c in self.callbacks if hasattr(c, "save_final")), None)
         try:
             while self.step < cfg.steps:
                 row = self._step(peak)
@@ -349,8 +359,12 @@ class Trainer:
                 progress.update(row)
                 if cfg.save_every and (self.step % cfg.save_every == 0 or last):
                     self.save_checkpoint(progress)
-            dtype = getattr(torch, cfg.save_dtype)
-            save_full_model(self._final_model(), self.out, env, self.tokenizer, dtype)
+            if saver is not None:
+                if env.is_main:
+                    saver.save_final(unwrap(self.model), self.out)
+            else:
+                dtype = getattr(torch, cfg.save_dtype)
+                save_full_model(self._final_model(), self.out, env, self.tokenizer, dtype)
             env.barrier()
         finally:
             progress.close()
@@ -358,7 +372,8 @@ class Trainer:
                 self.metrics.close()
         if env.is_main:
             plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
-            self._print(f"wrote the model to {self.out}")
+            if saver is None:
+                self._print(f"wrote the model to {self.out}")
         return row
 
     def _final_model(self) -> nn.Module:
@@ -460,6 +475,18 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.env is None or self.env.is_main:
             print(message, flush=True)
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    """Every tensor of checkpoint `folder` into `model`, which must have exactly those (a tied head aside)."""
+    state = {name: t for f in weight_files(folder) for name, t in iter_tensors(f, dtype=torch.float32)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [n for n in missing if not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder} does not match this run's model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+            "resume it with the options it was started with"
+        )
 
 
 def _seed_everything(seed: int) -> None:

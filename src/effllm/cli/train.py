@@ -35,6 +35,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_train_arguments(p)
     p.set_defaults(func=run)
+    sub = p.add_subparsers(dest="train_command", metavar="{grow}", required=False)
+    g = sub.add_parser(
+        "grow",
+        help="G_stack: grow a trained model in depth by stacking its layers (then train on with --model)",
+        description="Layer i of the grown model copies layer i mod L of the source (the whole stack "
+        "--factor times); embedding, final norm and head are copied. Continue with effllm train --model OUT.",
+        argument_default=None,
+    )
+    g.add_argument("--from", dest="source", required=True, help="the trained model to grow")
+    g.add_argument(
+        "--factor", type=int, default=4, help="how many times the stack repeats (default 4, the paper's)"
+    )
+    g.add_argument("--out", required=True, help="folder of the grown model")
+    g.set_defaults(func=run_grow)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +86,24 @@ def run(args: argparse.Namespace) -> int:
         Trainer(config).train()
     finally:
         shutdown_distributed()
+    return 0
+
+
+def run_grow(args: argparse.Namespace) -> int:
+    from effllm.models import load_model, load_tokenizer, save_model
+    from effllm.models.hub import resolve_model_path
+    from effllm.train.growth import stack
+
+    model = load_model(args.source, device="cpu")
+    grown = stack(model, factor=args.factor)
+    folder = resolve_model_path(args.source)
+    tokenizer = load_tokenizer(args.source) if (folder / "tokenizer.json").is_file() else None
+    save_model(grown, args.out, tokenizer=tokenizer)
+    params = sum(p.numel() for p in grown.parameters())
+    print(
+        f"grew {args.source} from {model.config.num_hidden_layers} to {grown.config.num_hidden_layers} layers "
+        f"({params:,} parameters): wrote {args.out}; continue with effllm train --model {args.out}"
+    )
     return 0
 
 

@@ -19,17 +19,12 @@ import json
 from pathlib import Path
 
 import torch
+from austen_experiment import Experiment
 
-from effllm.eval.corpus import heldout_text, training_text
-from effllm.eval.perplexity import perplexity
 from effllm.models import load_model, load_tokenizer, save_model
 from effllm.models.config import ModelConfig
-from effllm.models.default import default_model_path
-from effllm.train import TrainConfig, train
 from effllm.train.growth import stack
 from effllm.train.pruning_aware import parameter_count
-
-CONFIG = Path("recipes/default-model/config.json")
 
 
 def main() -> None:
@@ -44,46 +39,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     args = p.parse_args()
     root = Path(args.root)
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    data = root / "data" / "austen.txt"
-    if not data.exists():
-        data.write_text(training_text())
-    base = json.loads(CONFIG.read_text())
-    configs = {}
-    for name, depth in (("deep", args.depth), ("small", args.depth // args.factor)):
-        configs[name] = root / "data" / f"{name}-config.json"
-        configs[name].write_text(json.dumps(base | {"num_hidden_layers": depth}, indent=2))
-
-    def run(name: str, steps: int, **options) -> Path:
-        out = root / name
-        if (out / "model.safetensors").exists():
-            print(f"{name}: already trained, kept", flush=True)
-            return out
-        values = dict(
-            tokenizer=str(default_model_path()),
-            data=[str(data)],
-            out=str(out),
-            steps=steps,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            optimizer="adamw",
-            optimizer_options={"betas": [0.9, 0.95]},
-            lr=args.lr,
-            weight_decay=0.1,
-            warmup_steps=max(1, steps // 20),
-            schedule="cosine",
-            precision="bf16",
-            eval_fraction=0.02,
-            eval_every=100,
-            eval_batches=8,
-            save_every=100,
-            resume=True,
-            tensorboard=False,
-            log_every=50,
-        )
-        values.update(options)
-        train(TrainConfig(**values))
-        return out
+    exp = Experiment(root, args.seq_len, args.batch_size, args.lr)
+    configs = {
+        "deep": exp.model_config("deep", num_hidden_layers=args.depth),
+        "small": exp.model_config("small", num_hidden_layers=args.depth // args.factor),
+    }
+    run = exp.run
 
     arms = {"scratch": run("scratch", args.steps, model_config=str(configs["deep"]))}
     small = run("small", args.small_steps, model_config=str(configs["small"]))
@@ -104,8 +65,7 @@ def main() -> None:
     }
     rows = []
     for name, folder in arms.items():
-        model = load_model(folder, dtype=torch.float32, device="cpu")
-        ppl = perplexity(model, load_tokenizer(folder), heldout_text(), batch_size=8).token_perplexity
+        ppl = exp.persuasion_perplexity(folder)
         rows.append({"arm": name, "perplexity": round(ppl, 3), "train_flops": flops[name]})
         print(f"{name:8s} Persuasion perplexity {ppl:.3f}, {flops[name]:.3e} training FLOPs", flush=True)
     print(f"\n{tokens_per_step * args.steps:,} training tokens per arm")

@@ -119,6 +119,17 @@ class TrainConfig:
     lora_base_scheme: str | None = option(
         None, "--method qlora: how the frozen base is quantized: w4a16 (default, groups of 32) or w8a16"
     )
+    teacher: str | None = option(
+        None, "SALT (--method salt, implied): a smaller model of the same tokenizer to distil from at first"
+    )
+    kd_weight: float = option(0.5, "SALT: the distillation term's weight w in (1 - w) CE + w KD")
+    kd_temperature: float = option(1.0, "SALT: the softmax temperature of the distillation term")
+    kd_until_step: int | None = option(
+        None, "SALT: optimizer steps trained with distillation; plain cross-entropy after (required)"
+    )
+    kd_select: float | None = option(
+        None, "SALT_DS: distil on this fraction of candidate sequences, chosen by the teacher's loss"
+    )
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -204,6 +215,7 @@ class TrainConfig:
             )
         if self.lora_base_scheme is not None and self.method != "qlora":
             raise ConfigError("--lora-base-scheme sets the base of --method qlora; add that method")
+        self._validate_salt()
         if self.method in ("lora", "qlora"):
             from effllm.train.lora import lora_config
 
@@ -217,6 +229,38 @@ class TrainConfig:
                     f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
                     f"got {getattr(self, f.name)!r}"
                 )
+
+    def _validate_salt(self) -> None:
+        if self.teacher and self.method is None:
+            self.method = "salt"  # --teacher alone means SALT
+        salt_flags = [
+            f"--{name.replace('_', '-')}"
+            for name in ("teacher", "kd_until_step", "kd_select")
+            if getattr(self, name) is not None
+        ]
+        if self.method != "salt":
+            if salt_flags:
+                raise ConfigError(
+                    f"{', '.join(salt_flags)} belong to SALT distillation, which does not combine with "
+                    f"--method {self.method}; drop them or the method"
+                )
+            return
+        if not self.teacher:
+            raise ConfigError("--method salt distils from a smaller model: pass it with --teacher PATH")
+        if self.kd_until_step is None or not 1 <= self.kd_until_step <= self.steps:
+            raise ConfigError(
+                f"SALT needs --kd-until-step N with 1 <= N <= --steps ({self.steps}): the steps trained "
+                f"with distillation; got {self.kd_until_step}"
+            )
+        if not 0 <= self.kd_weight <= 1 or self.kd_temperature <= 0:
+            raise ConfigError(
+                f"--kd-weight must be in [0, 1] and --kd-temperature positive; got {self.kd_weight}, "
+                f"{self.kd_temperature}"
+            )
+        if self.kd_select is not None and not 0 < self.kd_select <= 1:
+            raise ConfigError(
+                f"--kd-select is a fraction of the candidate sequences in (0, 1], got {self.kd_select}"
+            )
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -20,7 +20,8 @@ Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.l
 `early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`),
 `keep-sparsity` (fine-tuning a pruned model keeps its zeros), `pruning-aware` (the model shrinks to
 `--target-params` while it trains; options in `effllm.train.pruning_aware`), and `lora` / `qlora` (an
-adapter on a frozen, for qlora quantized, base; `--lora-*` flags, `effllm.train.lora`). A method may also
+adapter on a frozen, for qlora quantized, base; `--lora-*` flags, `effllm.train.lora`), and `salt`
+(distillation from a smaller model at first; `--teacher`, `--kd-*` flags, `effllm.train.kd`). A method may also
 register `prepare_model(model, config)`, run before the optimizer is built.
 """
 
@@ -163,6 +164,13 @@ def _lora(trainer: Any) -> Any:
     return LoRATraining(trainer)
 
 
+def _salt(trainer: Any, **options: Any) -> Any:
+    from effllm.train.kd import SALTTraining
+
+    return SALTTraining(trainer, **options)
+
+
+register_method("salt", _salt)
 register_method("lora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)
 register_method("qlora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)
 

@@ -99,6 +99,12 @@ def _add_model_args(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
         help="score as the engine would with this KV cache: keys and values quantized and dequantized per "
         "token and head (default auto: unquantized, or what a quantized checkpoint's config.json asks for)",
     )
+    p.add_argument(
+        "--soft-prompt",
+        default=None,
+        metavar="PATH",
+        help="score with this soft prompt before every input (`effllm train --method soft-prompt`)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
 
 
@@ -118,11 +124,14 @@ def _load(args: argparse.Namespace):
     from effllm.models import load_model
     from effllm.models.default import model_or_default
     from effllm.models.kv_round_trip import with_kv_round_trip
+    from effllm.models.soft_prompt import load_soft_prompt_into
     from effllm.models.tokenizer import load_tokenizer
 
     _positive(args, "batch_size", "limit", "max_length", "stride")
     path = model_or_default(args.model)
     model = load_model(path, dtype=args.dtype, device=args.device)
+    if args.soft_prompt:
+        load_soft_prompt_into(model, args.soft_prompt)
     bits = resolve_kv_bits(args.kv_cache_dtype, model.config)
     return path, model if bits is None else with_kv_round_trip(model, bits), load_tokenizer(path)
 
@@ -130,11 +139,12 @@ def _load(args: argparse.Namespace):
 def run_perplexity(args: argparse.Namespace) -> int:
     from effllm.eval.corpus import heldout_text, manifest
     from effllm.eval.perplexity import perplexity
+    from effllm.models.soft_prompt import context_length
 
     if args.file is not None and not Path(args.file).is_file():
         raise InputError(f"{args.file} is not a file; pass a UTF-8 text file")
     path, model, tokenizer = _load(args)
-    limit = model.config.max_position_embeddings
+    limit = context_length(model)
     if args.max_length is not None and args.max_length > limit:
         raise InputError(f"--max-length {args.max_length} exceeds the model's context of {limit} tokens")
     if args.stride is not None and args.stride > (args.max_length or limit):

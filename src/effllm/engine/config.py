@@ -134,6 +134,12 @@ class EngineConfig:
         "'effllm[structured]'), builtin (choice only, no dependency) or auto (xgrammar when installed)",
         choices=STRUCTURED_BACKENDS,
     )
+    soft_prompt: str | None = option(
+        None,
+        "a soft prompt learned for this model (`effllm train --method soft-prompt`): its vectors lead every "
+        "prompt, their KV computed once and shared through the prefix cache",
+        metavar="PATH",
+    )
     speculative_method: str | None = option(
         None,
         "speculative decoding: ngram (prompt lookup: drafts copied from the request's own earlier tokens), "
@@ -200,6 +206,11 @@ class EngineConfig:
             raise ConfigError(
                 "--speculative-method draft needs --speculative-model PATH, and --speculative-model needs "
                 "--speculative-method draft"
+            )
+        if self.soft_prompt and self.speculative_method in ("ngram", "draft"):
+            raise ConfigError(
+                f"--soft-prompt does not combine with --speculative-method {self.speculative_method} (its "
+                "drafts would read the prompt's virtual tokens); use early-exit or no speculation"
             )
         if self.speculative_exit_layer is not None and self.speculative_method != "early-exit":
             raise ConfigError("--speculative-exit-layer is for --speculative-method early-exit")

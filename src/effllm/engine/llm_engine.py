@@ -34,6 +34,7 @@ from effllm.engine.spec_decode.registry import make_proposer
 from effllm.engine.structured.manager import StructuredOutputManager
 from effllm.models.checkpoint import load_model
 from effllm.models.hub import resolve_model_path
+from effllm.models.soft_prompt import load_soft_prompt_into
 from effllm.models.tokenizer import load_tokenizer
 from effllm.models.transformer import CausalLM
 
@@ -85,6 +86,8 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config.resolve(model.config.max_position_embeddings, model.device)
+        # A soft prompt goes into the embedding before the runner compiles or captures anything.
+        self.virtual_ids = load_soft_prompt_into(model, config.soft_prompt) if config.soft_prompt else []
         self.runner = ModelRunner(model, self.config)
         # A request may use the model's context, but never more than the whole cache holds.
         cache_tokens = self.runner.num_blocks * self.config.block_size
@@ -150,12 +153,13 @@ class LLMEngine:
             seed = None if params.seed is None else params.seed + i
             request = Request(
                 request_id if params.n == 1 else f"{request_id}-{i}",
-                ids,
+                self.virtual_ids + ids,
                 params,
                 self.eos_token_ids,
                 seed,
                 arrival_time,
             )
+            request.num_virtual_tokens = len(self.virtual_ids)
             if params.structured is not None:
                 request.grammar = self.structured.grammar_for(params.structured)
             if i and self.config.enable_prefix_caching:
@@ -292,12 +296,15 @@ class LLMEngine:
                 raise InputError(f"{name} {k} exceeds the vocabulary ({vocab} tokens); ask for fewer")
         if min(ids) < 0 or max(ids) >= vocab:
             raise InputError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
-        limit = self.config.max_model_len
+        limit = self.config.max_model_len - len(self.virtual_ids)
         if len(ids) >= limit:
+            soft = f", after the soft prompt's {len(self.virtual_ids)}" if self.virtual_ids else ""
             raise InputError(
                 f"the prompt has {len(ids)} tokens but a request may hold at most {limit} (prompt and output "
-                "together, max_model_len or what the KV cache holds); shorten the prompt"
+                f"together, max_model_len or what the KV cache holds{soft}); shorten the prompt"
             )
+        if self.virtual_ids and params.prompt_logprobs is not None:
+            raise InputError("prompt_logprobs are not available with a soft prompt; leave them out")
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer; use stop_token_ids, or load the model with one")
 

@@ -51,7 +51,7 @@ class OutputProcessor:
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer,
-                request.prompt_token_ids,
+                request.prompt_token_ids[request.num_virtual_tokens :],
                 skip_special_tokens=request.params.skip_special_tokens,
             )
         return Sample(request, detokenizer)
@@ -112,7 +112,7 @@ class OutputProcessor:
             completions,
             parent.finished,
             metrics,
-            first.num_cached_tokens,
+            max(0, first.num_cached_tokens - first.num_virtual_tokens),
             None if first.prompt_logprobs is None else list(first.prompt_logprobs),
         )
 

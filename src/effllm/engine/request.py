@@ -48,6 +48,8 @@ class Request:
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)  # prompt, then outputs
         self.num_prompt_tokens = len(prompt_token_ids)
+        # A soft prompt's virtual token ids (>= the vocabulary) lead the prompt: the engine adds them.
+        self.num_virtual_tokens = 0
         self.num_computed_tokens = 0
         self.params = params
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids

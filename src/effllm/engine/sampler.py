@@ -138,7 +138,8 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     if any(p.repetition_penalty != 1 for p in params):
         seen = counts > 0
         for j, i in enumerate(rows):
-            seen[j, requests[i].prompt_token_ids] = True
+            request = requests[i]
+            seen[j, request.prompt_token_ids[request.num_virtual_tokens :]] = True
         penalty = torch.tensor([[p.repetition_penalty] for p in params], device=device)
         x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
     frequency = torch.tensor([[p.frequency_penalty] for p in params], device=device)

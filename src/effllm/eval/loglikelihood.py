@@ -17,6 +17,7 @@ import torch
 
 from effllm.core.errors import InputError
 from effllm.eval.progress import progress_bar
+from effllm.models.soft_prompt import context_length, virtual_ids
 
 
 def prefix_token_id(tokenizer) -> int | None:
@@ -52,9 +53,9 @@ def score_continuations(
     """(sum of log p(continuation | context), is_greedy) for each (context_ids, continuation_ids) pair.
 
     Pairs run longest first in batches of `batch_size`, right-padded; a context too long for `max_length`
-    (default: the model's max_position_embeddings) loses tokens from its left.
+    (default: the model's max_position_embeddings, less a soft prompt's tokens) loses tokens from its left.
     """
-    max_length = max_length or model.config.max_position_embeddings
+    max_length = max_length or context_length(model)
     rows = []
     for context, continuation in pairs:
         if not continuation:
@@ -100,6 +101,11 @@ def token_logprobs(
     """log p(targets[i]) at (batch_index[i], positions[i]) of a causal forward over input_ids [B, T], and
     whether each target is the argmax. Only the scored positions go through the LM head, in float32."""
     device = model.device
+    prefix = virtual_ids(model)  # a soft prompt leads every row; the scored positions move right
+    if prefix:
+        lead = torch.tensor(prefix, dtype=input_ids.dtype).expand(input_ids.shape[0], -1)
+        input_ids = torch.cat([lead, input_ids], dim=1)
+        positions = [p + len(prefix) for p in positions]
     hidden = model.hidden_states(input_ids.to(device))  # [B, T, hidden]
     index_b = torch.tensor(batch_index, device=device)
     index_t = torch.tensor(positions, device=device)

@@ -22,6 +22,7 @@ import torch
 from effllm.core.errors import InputError
 from effllm.eval.loglikelihood import prefix_token_id, token_logprobs
 from effllm.eval.progress import progress_bar
+from effllm.models.soft_prompt import context_length
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ def perplexity(
     progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity of `text` (see the module docstring). `max_length` defaults to the model's context
-    (max_position_embeddings), `stride` to half of `max_length`."""
-    max_length = max_length or model.config.max_position_embeddings
+    (max_position_embeddings, less a soft prompt's tokens), `stride` to half of `max_length`."""
+    max_length = max_length or context_length(model)
     if max_length < 1:
         raise InputError(f"max_length must be positive, got {max_length}")
     stride = stride or max(1, max_length // 2)

@@ -119,6 +119,7 @@ class TrainConfig:
     lora_base_scheme: str | None = option(
         None, "--method qlora: how the frozen base is quantized: w4a16 (default, groups of 32) or w8a16"
     )
+    soft_prompt_tokens: int = option(20, "--method soft-prompt: how many prompt vectors are learned")
     teacher: str | None = option(
         None, "SALT (--method salt, implied): a smaller model of the same tokenizer to distil from at first"
     )
@@ -216,6 +217,8 @@ class TrainConfig:
         if self.lora_base_scheme is not None and self.method != "qlora":
             raise ConfigError("--lora-base-scheme sets the base of --method qlora; add that method")
         self._validate_salt()
+        if self.soft_prompt_tokens < 1:
+            raise ConfigError(f"--soft-prompt-tokens must be at least 1, got {self.soft_prompt_tokens}")
         if self.method in ("lora", "qlora"):
             from effllm.train.lora import lora_config
 

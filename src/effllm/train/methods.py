@@ -20,8 +20,9 @@ Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.l
 `early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`),
 `keep-sparsity` (fine-tuning a pruned model keeps its zeros), `pruning-aware` (the model shrinks to
 `--target-params` while it trains; options in `effllm.train.pruning_aware`), and `lora` / `qlora` (an
-adapter on a frozen, for qlora quantized, base; `--lora-*` flags, `effllm.train.lora`), and `salt`
-(distillation from a smaller model at first; `--teacher`, `--kd-*` flags, `effllm.train.kd`). A method may also
+adapter on a frozen, for qlora quantized, base; `--lora-*` flags, `effllm.train.lora`), `salt`
+(distillation from a smaller model at first; `--teacher`, `--kd-*` flags, `effllm.train.kd`) and
+`soft-prompt` (prompt vectors learned for a frozen model; `--soft-prompt-tokens`, `effllm.train.soft_prompt`). A method may also
 register `prepare_model(model, config)`, run before the optimizer is built.
 """
 
@@ -171,6 +172,21 @@ def _salt(trainer: Any, **options: Any) -> Any:
 
 
 register_method("salt", _salt)
+
+
+def _prepare_soft_prompt(model: Any, config: Any) -> Any:
+    from effllm.train.soft_prompt import prepare_soft_prompt
+
+    return prepare_soft_prompt(model, config)
+
+
+def _soft_prompt(trainer: Any) -> Any:
+    from effllm.train.soft_prompt import SoftPromptTraining
+
+    return SoftPromptTraining(trainer)
+
+
+register_method("soft-prompt", _soft_prompt, freezes_parameters=True, prepare_model=_prepare_soft_prompt)
 register_method("lora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)
 register_method("qlora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)
 

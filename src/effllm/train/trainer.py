@@ -167,6 +167,7 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks)
         self.loss_fn = loss_fn
+        self.eval_loss_fn: LossFn = causal_lm_loss  # the held-out loss (a method may replace it)
         self.out = Path(config.out)
         self.step = 0  # optimizer steps taken
         self.samples_seen = 0  # training sequences consumed: the data position
@@ -434,7 +435,7 @@ class Trainer:
         for batch in self.data.held_out_batches(cfg.batch_size, env.rank, env.world_size, cfg.eval_batches):
             batch = {k: v.to(env.device) for k, v in batch.items()}
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                totals[0] += causal_lm_loss(self.model, batch).double()
+                totals[0] += self.eval_loss_fn(self.model, batch).double()
             totals[1] += count_targets(batch)
         self.model.train()
         env.all_reduce_sum(totals)

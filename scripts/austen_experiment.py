@@ -43,10 +43,10 @@ class Experiment:
         path.write_text(json.dumps(json.loads(CONFIG.read_text()) | changes, indent=2))
         return path
 
-    def run(self, name: str, steps: int, **options) -> Path:
-        """Train arm `name` into ROOT/NAME (kept when its model is already there; resumed when killed)."""
+    def run(self, name: str, steps: int, done_file: str = "model.safetensors", **options) -> Path:
+        """Train arm `name` into ROOT/NAME (kept when its `done_file` is already there; resumed when killed)."""
         out = self.root / name
-        if (out / "model.safetensors").exists():
+        if (out / done_file).exists():
             print(f"{name}: already trained, kept", flush=True)
             return out
         values = dict(

@@ -50,8 +50,10 @@ def run_until_killed(config, kill_line: str, inside: Path | None, extra: list[st
     ]
     env = {**os.environ, PAUSE_ENV: "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen: list[str] = []
     try:
         for line in proc.stdout:
+            seen.append(line)
             if line.strip() == kill_line:
                 deadline = time.monotonic() + 30
                 while inside is not None and not inside.exists() and time.monotonic() < deadline:
@@ -59,7 +61,8 @@ def run_until_killed(config, kill_line: str, inside: Path | None, extra: list[st
                 proc.send_signal(signal.SIGKILL)
                 break
         else:
-            pytest.fail(f"the run ended without printing {kill_line!r}")
+            tail = "".join(seen[-15:])
+            pytest.fail(f"the run ended without printing {kill_line!r}; its output ended:\n{tail}")
     finally:
         proc.kill()
         proc.wait()

@@ -13,7 +13,18 @@ import importlib
 from effllm import __version__
 from effllm.cli.errors import run_command
 
-COMMANDS = ("generate", "init_model", "serve", "train", "tokenizer", "eval", "compress", "bench", "analyze")
+COMMANDS = (
+    "generate",
+    "init_model",
+    "serve",
+    "train",
+    "llm2llm",
+    "tokenizer",
+    "eval",
+    "compress",
+    "bench",
+    "analyze",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

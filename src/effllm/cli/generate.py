@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chat", action="store_true", help="wrap the prompt as a user message in the chat template"
     )
     p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument(
+        "--adapter", default=None, help="generate with this LoRA adapter, one loaded by --lora NAME=PATH"
+    )
     constraint = p.add_argument_group(
         "structured output (one of these; JSON schema, regex and grammar need pip install 'effllm[structured]')"
     ).add_mutually_exclusive_group()
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=list(args.stop),
         structured=_constraint(args),
+        adapter=args.adapter,
     )
     engine = LLMEngine.from_pretrained(model_or_default(args.model), **engine_options(args, ENGINE_EXCLUDED))
     tokenizer = engine.tokenizer

@@ -60,9 +60,14 @@ class BlockManager:
         while len(hashes) < i:
             j = len(hashes)
             hashes.append(
-                hash((hashes[j - 1] if j else None, tuple(request.token_ids[j * bs : (j + 1) * bs])))
+                hash(
+                    (
+                        hashes[j - 1] if j else request.cache_salt,
+                        tuple(request.token_ids[j * bs : (j + 1) * bs]),
+                    )
+                )
             )
-        return (hashes[i - 1] if i else None, tuple(request.token_ids[i * bs : (i + 1) * bs]))
+        return (hashes[i - 1] if i else request.cache_salt, tuple(request.token_ids[i * bs : (i + 1) * bs]))
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks holding the longest cached prefix of the request's tokens (at least one token is left

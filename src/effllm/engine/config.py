@@ -140,6 +140,22 @@ class EngineConfig:
         "prompt, their KV computed once and shared through the prefix cache",
         metavar="PATH",
     )
+    lora: list[str] = option(
+        [],
+        "LoRA adapters (PEFT folders) served over the one base model, NAME=PATH each; a request picks one by "
+        "name (the API's `model` field, SamplingParams.adapter), the base otherwise",
+        metavar="NAME=PATH",
+    )
+    uld_assistant: str | None = option(
+        None,
+        "ULD unlearning: serve base - w * assistant, the assistant trained on what to forget by `effllm "
+        "train --method uld` (its own KV cache; docs/training-methods.md)",
+        metavar="PATH",
+    )
+    uld_weight: float = option(1.0, "ULD: the assistant's weight w")
+    uld_filter: float = option(
+        0.1, "ULD: relative-top filter r (only the base's top tokens are contrasted and drawn; 0: off)"
+    )
     speculative_method: str | None = option(
         None,
         "speculative decoding: ngram (prompt lookup: drafts copied from the request's own earlier tokens), "
@@ -212,6 +228,19 @@ class EngineConfig:
                 f"--soft-prompt does not combine with --speculative-method {self.speculative_method} (its "
                 "drafts would read the prompt's virtual tokens); use early-exit or no speculation"
             )
+        adapters = self.lora_adapters()
+        if adapters and (self.skip_decode or self.speculative_method == "early-exit"):
+            raise ConfigError(
+                "--lora does not combine with --skip-decode or early-exit speculation (they run parts of the "
+                "model per request); leave them out"
+            )
+        if self.uld_assistant and self.speculative_method:
+            raise ConfigError(
+                "--uld-assistant does not combine with speculative decoding (its logits are one row per "
+                "request); leave --speculative-method out"
+            )
+        if not 0 <= self.uld_filter < 1:
+            raise ConfigError(f"--uld-filter is a relative-top ratio in [0, 1), got {self.uld_filter}")
         if self.speculative_exit_layer is not None and self.speculative_method != "early-exit":
             raise ConfigError("--speculative-exit-layer is for --speculative-method early-exit")
         if self.skip_decode and self.speculative_method:
@@ -231,6 +260,18 @@ class EngineConfig:
             )
         if self.kv_cache_memory is not None and parse_memory(self.kv_cache_memory) <= 0:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+    def lora_adapters(self) -> dict[str, str]:
+        """--lora as {name: folder}; ConfigError for an entry that is not NAME=PATH or a repeated name."""
+        adapters: dict[str, str] = {}
+        for entry in self.lora:
+            name, sep, path = str(entry).partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--lora takes NAME=PATH (an adapter folder), got {entry!r}")
+            if name in adapters:
+                raise ConfigError(f"--lora names the adapter {name!r} twice; give each its own name")
+            adapters[name] = path
+        return adapters
 
     def resolve(self, max_position_embeddings: int, device: torch.device) -> EngineConfig:
         """A copy with the device-dependent defaults filled in and the limits made consistent."""

@@ -22,6 +22,7 @@ from effllm.core.dtypes import parse_device, parse_dtype
 from effllm.core.errors import ConfigError, EffLLMError, InputError
 from effllm.engine.block_manager import BlockManager
 from effllm.engine.config import EngineConfig, engine_config
+from effllm.engine.logit_difference import LogitDifference
 from effllm.engine.model_runner import ModelRunner
 from effllm.engine.output_processor import OutputProcessor, ParentRequest
 from effllm.engine.outputs import RequestOutput
@@ -34,6 +35,7 @@ from effllm.engine.spec_decode.registry import make_proposer
 from effllm.engine.structured.manager import StructuredOutputManager
 from effllm.models.checkpoint import load_model
 from effllm.models.hub import resolve_model_path
+from effllm.models.multi_lora import load_adapters
 from effllm.models.soft_prompt import load_soft_prompt_into
 from effllm.models.tokenizer import load_tokenizer
 from effllm.models.transformer import CausalLM
@@ -86,8 +88,9 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config.resolve(model.config.max_position_embeddings, model.device)
-        # A soft prompt goes into the embedding before the runner compiles or captures anything.
+        # A soft prompt and LoRA adapters go into the model before the runner fuses, compiles or captures.
         self.virtual_ids = load_soft_prompt_into(model, config.soft_prompt) if config.soft_prompt else []
+        self.adapters = {name: i for i, name in enumerate(load_adapters(model, self.config.lora_adapters()))}
         self.runner = ModelRunner(model, self.config)
         # A request may use the model's context, but never more than the whole cache holds.
         cache_tokens = self.runner.num_blocks * self.config.block_size
@@ -112,6 +115,12 @@ class LLMEngine:
             self.config.structured_outputs_backend,
         )
         self.runner.structured = self.structured
+        self.uld = None
+        if self.config.uld_assistant:
+            self.uld = LogitDifference.load(
+                self.config.uld_assistant, model, self.config, self.runner.num_blocks
+            )
+            self.runner.logits_combiner = self.uld
         self.stats = EngineStats()
         self.proposer = proposer or make_proposer(self.config, self.runner, self.block_manager)
         self.gate = SpeculationGate() if self.config.speculative_adaptive else None
@@ -160,6 +169,8 @@ class LLMEngine:
                 arrival_time,
             )
             request.num_virtual_tokens = len(self.virtual_ids)
+            if params.adapter is not None:
+                request.adapter_index, request.cache_salt = self.adapters[params.adapter], params.adapter
             if params.structured is not None:
                 request.grammar = self.structured.grammar_for(params.structured)
             if i and self.config.enable_prefix_caching:
@@ -194,6 +205,8 @@ class LLMEngine:
         start = time.perf_counter()
         running = self.scheduler.running
         num_running = len(running)
+        if self.uld is not None:
+            self.uld.retain(running)
         if self.proposer is not None:
             self.proposer.retain(running)
             wanted = num_running <= self.config.speculative_max_running
@@ -305,6 +318,11 @@ class LLMEngine:
             )
         if self.virtual_ids and params.prompt_logprobs is not None:
             raise InputError("prompt_logprobs are not available with a soft prompt; leave them out")
+        if params.adapter is not None and params.adapter not in self.adapters:
+            known = ", ".join(self.adapters) or "none (load them with lora=[NAME=PATH])"
+            raise InputError(f"no LoRA adapter named {params.adapter!r}; this engine has {known}")
+        if self.config.uld_assistant and params.prompt_logprobs is not None:
+            raise InputError("prompt_logprobs are not available with a ULD assistant; leave them out")
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer; use stop_token_ids, or load the model with one")
 

@@ -9,7 +9,9 @@ at each draft token of a request verifying drafts; a chunk in the middle of a pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Any
 
 import torch
 
@@ -28,6 +30,7 @@ from effllm.engine.step_layout import StepLayout, build_step_layout
 from effllm.engine.structured.manager import StructuredOutputManager
 from effllm.models.decode_linear import prepack_bf16, use_decode_linears
 from effllm.models.fused_projections import fuse_projections
+from effllm.models.multi_lora import adapter_rows
 from effllm.models.sparse_linear import sparsify_linears_
 from effllm.models.transformer import CausalLM
 
@@ -67,19 +70,26 @@ class ModelRunner:
             if config.cpu_prepack:
                 prepack_bf16(model)
         self.fused_decode = None
+        # LoRA adapters chosen per request: the module forwards add them, so no fused step or captured graph.
+        self.adapters = getattr(model, "adapter_context", None) is not None
         # The fused step does its own attention: only where the CPU's paged backend would run it anyway.
         paged = type(self.backend) is PagedAttention
-        if self.device.type == "cpu" and config.cpu_gemv and config.cpu_fused_decode and paged:
+        fused = config.cpu_fused_decode and not self.adapters
+        if self.device.type == "cpu" and config.cpu_gemv and fused and paged:
             self.fused_decode = CPUDecodeStep.build(model, self.cache, config.cpu_fused_decode)
         self.sampler = Sampler(self.device, config.seed)
         self.structured: StructuredOutputManager | None = None  # set by the engine: masks constrained rows
+        # Set by the engine: (logits [R, V], the R sampling requests) -> combined logits (ULD's assistant).
+        self.logits_combiner = None
         self.skip_schedule = (
             SkipSchedule.parse(config.skip_decode, model.config.num_hidden_layers)
             if config.skip_decode
             else None
         )
         self.graphs: DecodeGraphs | None = None
-        graphs_fit = self.skip_schedule is None  # the captured graph runs every layer
+        graphs_fit = (
+            self.skip_schedule is None and not self.adapters
+        )  # the graph runs every layer, no adapters
         if (
             isinstance(self.backend, TritonPagedAttention)
             and on_cuda
@@ -121,10 +131,11 @@ class ModelRunner:
         sampled token, or for a request verifying drafts the accepted drafts and the target's next token."""
         layout = self.layout(out)
         depths = self._depths(out)
-        if depths is None:
-            hidden = self.forward(layout)
-        else:
-            hidden = self.model.model.norm(self.forward_layers(layout, *depths))
+        with self._adapter_rows(out, layout):
+            if depths is None:
+                hidden = self.forward(layout)
+            else:
+                hidden = self.model.model.norm(self.forward_layers(layout, *depths))
         self._score_prompts(out, layout, hidden)
         if not layout.sample_rows:
             return {}
@@ -132,6 +143,8 @@ class ModelRunner:
             hidden = hidden[torch.tensor(layout.sample_rows, dtype=torch.long, device=self.device)]
         rows = [r for r, n in zip(out.requests, out.num_tokens, strict=True) if r.samples_after(n)]
         logits = self.model.logits(hidden)
+        if self.logits_combiner is not None:
+            logits = self.logits_combiner(logits, rows)
         if self.structured is not None:
             logits = self.structured.mask_logits(logits, rows)
         # Sampling requests with drafts are verified by rejection sampling on their own rows; every other row
@@ -176,6 +189,18 @@ class ModelRunner:
                     entry.update(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
                 entry[token] = value
                 request.prompt_logprobs[start + 1 + i] = entry
+
+    def _adapter_rows(self, out: SchedulerOutput, layout: StepLayout) -> Any:
+        """Within it, each request's rows of the step get its LoRA adapter (when adapters are loaded)."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        rows: dict[int, list[int]] = {}
+        for i, request in enumerate(out.requests):
+            if request.adapter_index is not None:
+                start, end = layout.query_start_loc[i], layout.query_start_loc[i + 1]
+                rows.setdefault(request.adapter_index, []).extend(range(start, end))
+        groups = {a: torch.tensor(r, dtype=torch.long, device=self.device) for a, r in rows.items()}
+        return adapter_rows(self.model, groups)
 
     def layout(self, out: SchedulerOutput) -> StepLayout:
         """The step's `StepLayout`: each request's uncomputed tokens (and drafts), its blocks, its sample rows."""

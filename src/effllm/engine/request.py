@@ -50,6 +50,10 @@ class Request:
         self.num_prompt_tokens = len(prompt_token_ids)
         # A soft prompt's virtual token ids (>= the vocabulary) lead the prompt: the engine adds them.
         self.num_virtual_tokens = 0
+        # The LoRA adapter serving the request (its index in the engine's list; None: the base model). Its
+        # name salts the prefix-cache keys: keys and values differ between adapters.
+        self.adapter_index: int | None = None
+        self.cache_salt: str | None = None
         self.num_computed_tokens = 0
         self.params = params
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids

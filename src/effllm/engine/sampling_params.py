@@ -45,6 +45,8 @@ class SamplingParams:
     structured constrains the output (`StructuredOutputs`, or a dict of its fields: json_schema,
     json_object, regex, grammar or choice); the output then ends when the constraint is complete, so it
     does not combine with min_tokens or ignore_eos. Its logprobs are those of the constrained distribution.
+    adapter names the LoRA adapter that serves the request (one the engine loaded with `lora`); None: the
+    base model.
     """
 
     n: int = 1
@@ -66,6 +68,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured: StructuredOutputs | dict[str, Any] | None = None
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         self.structured = StructuredOutputs.of(self.structured)

@@ -16,6 +16,7 @@ from torch import nn
 
 from effllm.models.decode_linear import DecodeLinear
 from effllm.models.lora import is_lora
+from effllm.models.multi_lora import is_multi_lora
 from effllm.models.qoq_linear import QoQLinear
 from effllm.models.quantized_linear import QuantizedLinear
 
@@ -23,7 +24,7 @@ _ROW_TENSORS = ("weight_packed", "weight", "weight_scale", "qweight", "group_sca
 
 
 def _grid(m: nn.Module):
-    if is_lora(m):  # an adapter adds its own product: the module must run itself
+    if is_lora(m) or is_multi_lora(m):  # an adapter adds its own product: the module must run itself
         return None
     if isinstance(m, QoQLinear):  # every tensor is per row, activations per token: fusing is exact
         return ("qoq", m.group_size, m.in_features, m.weight_scale.dtype)

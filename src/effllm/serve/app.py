@@ -91,8 +91,14 @@ def build_app(
     )
     async_engine.metrics = metrics
     served = Served(
-        async_engine, engine.tokenizer, names[0], engine.config.max_model_len, engine.model.config.vocab_size
+        async_engine,
+        engine.tokenizer,
+        names[0],
+        engine.config.max_model_len,
+        engine.model.config.vocab_size,
+        frozenset(engine.adapters),
     )
+    names += [name for name in engine.adapters if name not in names]  # an adapter is asked for by name
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

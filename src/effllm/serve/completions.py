@@ -85,6 +85,7 @@ class Served:
     model_name: str
     max_model_len: int
     vocab_size: int
+    adapters: frozenset[str] = frozenset()  # LoRA adapters a request names as its `model`
 
     @functools.cached_property
     def tokens(self) -> TokenText:
@@ -100,6 +101,7 @@ def sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
     structured: dict | None = None,
+    adapters: frozenset[str] = frozenset(),
 ) -> SamplingParams:
     """The engine's parameters for a request (OpenAI's defaults where it leaves a field out)."""
     return SamplingParams(
@@ -122,6 +124,7 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         structured=structured,
+        adapter=req.model if req.model in adapters else None,
     )
 
 
@@ -388,7 +391,9 @@ async def create_completion(served: Served, req: CompletionRequest, request: Req
     # echo with logprobs scores the prompt too (lm-evaluation-harness's log-likelihoods); max_tokens 0 needs it.
     scores_prompt = req.echo and (req.logprobs is not None or req.max_tokens == 0)
     prompt_logprobs = (req.logprobs or 0) if scores_prompt else None
-    params = sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs, req.structured())
+    params = sampling_params(
+        req, req.max_tokens, req.logprobs, prompt_logprobs, req.structured(), served.adapters
+    )
     await compile_constraint(served, params)
     stream = served.engine.submit(prompts, params)
     rid, created, usage = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _UsageCount()
@@ -489,7 +494,11 @@ async def create_chat_completion(served: Served, req: ChatCompletionRequest, req
     prompt = chat_prompt(served, req)
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(
-        req, req.max_new_tokens(), top, structured=req.structured() or tool_constraint(req)
+        req,
+        req.max_new_tokens(),
+        top,
+        structured=req.structured() or tool_constraint(req),
+        adapters=served.adapters,
     )
     await compile_constraint(served, params)
     stream = served.engine.submit([prompt], params)

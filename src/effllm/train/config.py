@@ -120,6 +120,16 @@ class TrainConfig:
         None, "--method qlora: how the frozen base is quantized: w4a16 (default, groups of 32) or w8a16"
     )
     soft_prompt_tokens: int = option(20, "--method soft-prompt: how many prompt vectors are learned")
+    forget: list[str] = option(
+        [], "--method uld: what to forget (the assistant's training data; same as --data)", metavar="PATH"
+    )
+    retain: list[str] = option(
+        [], "--method uld: what to keep (the assistant is made flat on it)", metavar="PATH"
+    )
+    uld_layers: int | None = option(
+        None, "--method uld: decoder layers of the assistant, the model's first (default a quarter)"
+    )
+    uld_retain_weight: float = option(5.0, "--method uld: weight of the retain set's KL-to-uniform term")
     teacher: str | None = option(
         None, "SALT (--method salt, implied): a smaller model of the same tokenizer to distil from at first"
     )
@@ -188,6 +198,14 @@ class TrainConfig:
             )
         if self.model_config and not self.tokenizer:
             raise ConfigError("--model-config needs --tokenizer (make one with `effllm tokenizer train`)")
+        if self.forget:
+            if self.data and self.data != self.forget:
+                raise ConfigError("--forget is the run's training data: pass it or --data, not both")
+            self.data = list(self.forget)
+        if (self.forget or self.retain) and self.method != "uld":
+            raise ConfigError("--forget and --retain belong to --method uld; add that method")
+        if self.method == "uld" and not self.retain:
+            raise ConfigError("--method uld needs the data to keep: pass --retain PATH")
         if not self.data:
             raise ConfigError("pass training data with --data (text files, folders or jsonl)")
         if not self.out:
@@ -219,7 +237,7 @@ class TrainConfig:
         self._validate_salt()
         if self.soft_prompt_tokens < 1:
             raise ConfigError(f"--soft-prompt-tokens must be at least 1, got {self.soft_prompt_tokens}")
-        if self.method in ("lora", "qlora"):
+        if self.method in ("lora", "qlora", "uld"):
             from effllm.train.lora import lora_config
 
             lora_config(self)  # ConfigError for a bad rank, dropout or target now

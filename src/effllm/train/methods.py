@@ -16,13 +16,15 @@ A method registers a factory, `register_method(name, factory)`, and is then chos
 `effllm train --method NAME --method-options k=v ...`. The factory is called once the trainer is set up
 as `factory(trainer, **options)` (model, optimizer, data and config are its attributes) and returns a
 callback or a list of them. A method that changes the objective instead passes `loss_fn` to `Trainer`.
-Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.lisa` / `.owlore` take)
+Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.lisa` / `.owlore` take),
 `early-exit` (LayerSkip's layer dropout and early-exit loss; options in `effllm.train.early_exit`),
 `keep-sparsity` (fine-tuning a pruned model keeps its zeros), `pruning-aware` (the model shrinks to
-`--target-params` while it trains; options in `effllm.train.pruning_aware`), and `lora` / `qlora` (an
+`--target-params` while it trains; options in `effllm.train.pruning_aware`), `lora` / `qlora` (an
 adapter on a frozen, for qlora quantized, base; `--lora-*` flags, `effllm.train.lora`), `salt`
-(distillation from a smaller model at first; `--teacher`, `--kd-*` flags, `effllm.train.kd`) and
-`soft-prompt` (prompt vectors learned for a frozen model; `--soft-prompt-tokens`, `effllm.train.soft_prompt`). A method may also
+(distillation from a smaller model at first; `--teacher`, `--kd-*` flags, `effllm.train.kd`),
+`soft-prompt` (prompt vectors learned for a frozen model; `--soft-prompt-tokens`, `effllm.train.soft_prompt`)
+and `uld` (ULD's unlearning assistant; `--forget`, `--retain`, `--uld-*` flags, `effllm.train.unlearn`).
+A method may also
 register `prepare_model(model, config)`, run before the optimizer is built.
 """
 
@@ -186,6 +188,19 @@ def _soft_prompt(trainer: Any) -> Any:
     return SoftPromptTraining(trainer)
 
 
+def _prepare_uld(model: Any, config: Any) -> Any:
+    from effllm.train.unlearn import prepare_uld
+
+    return prepare_uld(model, config)
+
+
+def _uld(trainer: Any) -> Any:
+    from effllm.train.unlearn import ULDTraining
+
+    return ULDTraining(trainer)
+
+
+register_method("uld", _uld, freezes_parameters=True, prepare_model=_prepare_uld)
 register_method("soft-prompt", _soft_prompt, freezes_parameters=True, prepare_model=_prepare_soft_prompt)
 register_method("lora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)
 register_method("qlora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)

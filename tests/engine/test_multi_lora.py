@@ -2,7 +2,6 @@
 (equal to an engine over that single adapter), the base rows nothing added; adapters salt the prefix
 cache; the openai client picks an adapter by `model`; bad names are clear errors."""
 
-
 import openai
 import pytest
 import torch

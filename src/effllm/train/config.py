@@ -130,6 +130,9 @@ class TrainConfig:
         None, "--method uld: decoder layers of the assistant, the model's first (default a quarter)"
     )
     uld_retain_weight: float = option(5.0, "--method uld: weight of the retain set's KL-to-uniform term")
+    dkm_bits: int = option(3, "--method dkm: palette size 2^bits per weight matrix")
+    dkm_tau: float = option(1e-4, "--method dkm: softmax temperature of the soft assignment (coremltools')")
+    dkm_iters: int = option(3, "--method dkm: differentiable k-means iterations per forward")
     teacher: str | None = option(
         None, "SALT (--method salt, implied): a smaller model of the same tokenizer to distil from at first"
     )

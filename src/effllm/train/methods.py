@@ -23,7 +23,8 @@ Registered here: `lisa` and `owlore` (layer sampling; options as `LayerSampler.l
 adapter on a frozen, for qlora quantized, base; `--lora-*` flags, `effllm.train.lora`), `salt`
 (distillation from a smaller model at first; `--teacher`, `--kd-*` flags, `effllm.train.kd`),
 `soft-prompt` (prompt vectors learned for a frozen model; `--soft-prompt-tokens`, `effllm.train.soft_prompt`)
-and `uld` (ULD's unlearning assistant; `--forget`, `--retain`, `--uld-*` flags, `effllm.train.unlearn`).
+`uld` (ULD's unlearning assistant; `--forget`, `--retain`, `--uld-*` flags, `effllm.train.unlearn`) and
+`dkm` (DKM weight clustering, a palettized model at the end; `--dkm-*` flags, `effllm.train.dkm`).
 A method may also
 register `prepare_model(model, config)`, run before the optimizer is built.
 """
@@ -200,6 +201,19 @@ def _uld(trainer: Any) -> Any:
     return ULDTraining(trainer)
 
 
+def _prepare_dkm(model: Any, config: Any) -> Any:
+    from effllm.train.dkm import prepare_dkm
+
+    return prepare_dkm(model, config)
+
+
+def _dkm(trainer: Any) -> Any:
+    from effllm.train.dkm import DKMTraining
+
+    return DKMTraining(trainer)
+
+
+register_method("dkm", _dkm, prepare_model=_prepare_dkm)
 register_method("uld", _uld, freezes_parameters=True, prepare_model=_prepare_uld)
 register_method("soft-prompt", _soft_prompt, freezes_parameters=True, prepare_model=_prepare_soft_prompt)
 register_method("lora", _lora, freezes_parameters=True, prepare_model=_prepare_lora)

@@ -6,7 +6,9 @@ Run as `python scripts/NAME.py` from the repository root (scripts/ is then on th
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,29 @@ class Experiment:
         values.update(options)
         train(TrainConfig(**values))
         return out
+
+    @classmethod
+    def from_args(
+        cls,
+        doc: str,
+        root: str,
+        steps: int,
+        lr: float,
+        batch_size: int = 16,
+        seq_len: int = 256,
+        more: Callable[[argparse.ArgumentParser], None] = lambda p: None,
+    ) -> tuple[argparse.Namespace, Experiment]:
+        """Parse the command line of a script (`doc` its help; `more` adds its own flags) into its options and
+        the Experiment they describe; --root, --steps, --lr, --batch-size and --seq-len are common."""
+        p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--root", default=root)
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--seq-len", type=int, default=seq_len)
+        p.add_argument("--batch-size", type=int, default=batch_size)
+        more(p)
+        args = p.parse_args()
+        return args, cls(Path(args.root), args.seq_len, args.batch_size, args.lr)
 
     @staticmethod
     def persuasion_perplexity(folder: Path) -> float:

@@ -13,7 +13,6 @@ Each is scored on the held-out *Persuasion* (per token, float32), against the de
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -38,16 +37,15 @@ def snapped(folder: Path, out: Path, bits: int) -> Path:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="runs/dkm")
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    args = p.parse_args()
-    root = Path(args.root)
-    exp = Experiment(root, args.seq_len, args.batch_size, args.lr)
+    args, exp = Experiment.from_args(
+        __doc__,
+        "runs/dkm",
+        steps=100,
+        lr=2e-4,
+        batch_size=8,
+        more=lambda p: p.add_argument("--bits", type=int, default=3),
+    )
+    root = exp.root
     default = default_model_path()
     common = dict(model=str(default), tokenizer=None, weight_decay=0.0, eval_every=50, save_every=50)
     arms = {

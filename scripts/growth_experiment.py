@@ -14,9 +14,7 @@ each arm spent (6 N per token). An arm whose folder already holds a model is not
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 from austen_experiment import Experiment
@@ -28,18 +26,13 @@ from effllm.train.pruning_aware import parameter_count
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="runs/growth")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--small-steps", type=int, default=150)
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--factor", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    args = p.parse_args()
-    root = Path(args.root)
-    exp = Experiment(root, args.seq_len, args.batch_size, args.lr)
+    def more(p):
+        p.add_argument("--small-steps", type=int, default=150)
+        p.add_argument("--depth", type=int, default=8)
+        p.add_argument("--factor", type=int, default=4)
+
+    args, exp = Experiment.from_args(__doc__, "runs/growth", steps=600, lr=2e-3, more=more)
+    root = exp.root
     configs = {
         "deep": exp.model_config("deep", num_hidden_layers=args.depth),
         "small": exp.model_config("small", num_hidden_layers=args.depth // args.factor),

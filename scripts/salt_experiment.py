@@ -15,7 +15,6 @@ already holds a model is not retrained.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -23,21 +22,16 @@ from austen_experiment import Experiment
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="runs/salt")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--teacher-depth", type=int, default=2)
-    p.add_argument("--kd-until-step", type=int, default=150)
-    p.add_argument("--kd-weight", type=float, default=0.5)
-    p.add_argument("--kd-temperature", type=float, default=1.0)
-    p.add_argument("--select", type=float, default=0.5)
-    p.add_argument("--plain", default=None, help="an already trained plain arm (same options) to reuse")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    args = p.parse_args()
-    exp = Experiment(Path(args.root), args.seq_len, args.batch_size, args.lr)
+    def more(p):
+        p.add_argument("--depth", type=int, default=8)
+        p.add_argument("--teacher-depth", type=int, default=2)
+        p.add_argument("--kd-until-step", type=int, default=150)
+        p.add_argument("--kd-weight", type=float, default=0.5)
+        p.add_argument("--kd-temperature", type=float, default=1.0)
+        p.add_argument("--select", type=float, default=0.5)
+        p.add_argument("--plain", default=None, help="an already trained plain arm (same options) to reuse")
+
+    args, exp = Experiment.from_args(__doc__, "runs/salt", steps=600, lr=2e-3, more=more)
     large = str(exp.model_config("large", num_hidden_layers=args.depth))
     small = str(exp.model_config("small", num_hidden_layers=args.teacher_depth))
     teacher = exp.run("teacher", args.steps, model_config=small)

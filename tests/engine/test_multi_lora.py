@@ -117,12 +117,18 @@ def test_openai_client_picks_the_adapter_by_model_name(adapter_dirs, tmp_path):
         openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client,
     ):
         assert [m.id for m in client.models.list().data] == ["base", "attn", "mlp"]
-        texts = {
+        replies = {
             name: client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
-            .choices[0]
-            .text
             for name in ("base", "attn", "mlp")
         }
+        assert {name: r.model for name, r in replies.items()} == {
+            "base": "base",
+            "attn": "attn",
+            "mlp": "mlp",
+        }
+        texts = {name: r.choices[0].text for name, r in replies.items()}
+        with pytest.raises(openai.BadRequestError, match="embeddings are the base model's"):
+            client.embeddings.create(model="attn", input="hello")
     for name, adapter in (("base", None), ("attn", adapter_dirs["attn"]), ("mlp", adapter_dirs["mlp"])):
         reference = LLM(single(adapter), tokenizer).generate(
             {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False

@@ -183,6 +183,11 @@ def _api_routes(served: Served, names: list[str], model_root: str | None) -> API
     async def embeddings(request: Request) -> Response:
         body = await parse_body(request, EmbeddingRequest)
         check_model(body.model)
+        if body.model in served.adapters:
+            raise APIError(
+                f"'{body.model}' is a LoRA adapter; embeddings are the base model's: ask for '{names[0]}'",
+                param="model",
+            )
         return await create_embeddings(served, body)
 
     @router.post("/tokenize")

@@ -87,6 +87,10 @@ class Served:
     vocab_size: int
     adapters: frozenset[str] = frozenset()  # LoRA adapters a request names as its `model`
 
+    def name_for(self, requested: str | None) -> str:
+        """The `model` a response names: the adapter the request asked for, or the served model's name."""
+        return requested if requested in self.adapters else self.model_name
+
     @functools.cached_property
     def tokens(self) -> TokenText:
         return TokenText(self.tokenizer)
@@ -403,7 +407,7 @@ async def create_completion(served: Served, req: CompletionRequest, request: Req
         chunks = _completion_chunks(served, req, stream, rid, created, echo, usage)
         include = bool(req.stream_options and req.stream_options.include_usage)
         usage_chunk = functools.partial(
-            CompletionResponse, id=rid, created=created, model=served.model_name, choices=[]
+            CompletionResponse, id=rid, created=created, model=served.name_for(req.model), choices=[]
         )
         return SSEResponse(_events(stream, chunks, usage, include, lambda u: usage_chunk(usage=u)), stream)
     async with stream:
@@ -439,7 +443,7 @@ async def create_completion(served: Served, req: CompletionRequest, request: Req
                 )
             )
     body = CompletionResponse(
-        id=rid, created=created, model=served.model_name, choices=choices, usage=usage.usage()
+        id=rid, created=created, model=served.name_for(req.model), choices=choices, usage=usage.usage()
     )
     return JSONResponse(body.model_dump())
 
@@ -484,7 +488,9 @@ async def _completion_chunks(
                 )
         usage.observe(out)
         if choices:
-            yield CompletionResponse(id=rid, created=created, model=served.model_name, choices=choices)
+            yield CompletionResponse(
+                id=rid, created=created, model=served.name_for(req.model), choices=choices
+            )
 
 
 # ---------------------------------------------------------------- /v1/chat/completions
@@ -508,7 +514,7 @@ async def create_chat_completion(served: Served, req: ChatCompletionRequest, req
         include = bool(req.stream_options and req.stream_options.include_usage)
         chunks = _chat_chunks(served, req, stream, rid, created, usage)
         usage_chunk = functools.partial(
-            ChatCompletionChunk, id=rid, created=created, model=served.model_name, choices=[]
+            ChatCompletionChunk, id=rid, created=created, model=served.name_for(req.model), choices=[]
         )
         return SSEResponse(_events(stream, chunks, usage, include, lambda u: usage_chunk(usage=u)), stream)
     async with stream:
@@ -533,7 +539,7 @@ async def create_chat_completion(served: Served, req: ChatCompletionRequest, req
             )
         )
     body = ChatCompletionResponse(
-        id=rid, created=created, model=served.model_name, choices=choices, usage=usage.usage()
+        id=rid, created=created, model=served.name_for(req.model), choices=choices, usage=usage.usage()
     )
     return JSONResponse(body.model_dump())
 
@@ -628,7 +634,7 @@ async def _chat_chunks(
     top = (req.top_logprobs or 0) if req.logprobs else None
 
     def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=rid, created=created, model=served.model_name, choices=choices)
+        return ChatCompletionChunk(id=rid, created=created, model=served.name_for(req.model), choices=choices)
 
     # OpenAI opens each choice with the assistant role and empty content.
     yield chunk(

@@ -1,11 +1,15 @@
 """Bad input is a one-line error (exit code 2) before any training starts."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 
 from effllm.cli.train import add_train_arguments, config_from_args, main
+from effllm.core.errors import ConfigError
+from effllm.train.config import TrainConfig
+from effllm.train.methods import METHODS, get_method
 
 
 @pytest.fixture
@@ -194,3 +198,10 @@ def test_out_under_a_regular_file_is_one_line(argv, capsys, tmp_path):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "is a file; pass a folder" in err and err.count("\n") == 1
+
+
+def test_method_help_names_every_registered_method_and_unknown_ones_are_refused():
+    help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "method").metadata["help"]
+    assert all(name in help_text for name in METHODS)
+    with pytest.raises(ConfigError, match="unknown training method 'nope'; choose one of: dkm"):
+        get_method("nope")

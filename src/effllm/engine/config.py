@@ -264,7 +264,7 @@ class EngineConfig:
     def lora_adapters(self) -> dict[str, str]:
         """--lora as {name: folder}; ConfigError for an entry that is not NAME=PATH or a repeated name."""
         adapters: dict[str, str] = {}
-        for entry in self.lora:
+        for entry in [self.lora] if isinstance(self.lora, str) else self.lora:
             name, sep, path = str(entry).partition("=")
             if not sep or not name or not path:
                 raise ConfigError(f"--lora takes NAME=PATH (an adapter folder), got {entry!r}")

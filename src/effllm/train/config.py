@@ -100,7 +100,11 @@ class TrainConfig:
     )
     tensorboard: bool = option(True, "also log to TensorBoard under OUT/tensorboard when it is installed")
     # ---------------------------------------------------------------- training methods
-    method: str | None = option(None, "training method plugged into the loop (see effllm.train.methods)")
+    method: str | None = option(
+        None,
+        "training method plugged into the loop: lisa, owlore, early-exit, keep-sparsity, pruning-aware, lora, "
+        "qlora, salt, soft-prompt, uld, dkm (effllm.train.methods; docs/training-methods.md)",
+    )
     method_options: dict[str, Any] = option({}, "the method's options as KEY=VALUE")
     target_params: int | None = option(
         None, "--method pruning-aware: the final model's parameter count (e.g. 9.05e6)"

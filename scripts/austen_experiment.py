@@ -1,5 +1,5 @@
-"""What the training experiments on the Austen corpus share (scripts/growth_experiment.py,
-scripts/salt_experiment.py): the data and model configs under a root folder, one `effllm train` run per
+"""What the training experiments on the Austen corpus share (scripts/{growth,salt,soft_prompt,uld,dkm,
+pruning_aware}_experiment.py): the data and model configs under a root folder, one `effllm train` run per
 arm with the same optimizer, schedule and precision, and the held-out *Persuasion* perplexity per token.
 
 Run as `python scripts/NAME.py` from the repository root (scripts/ is then on the import path)."""

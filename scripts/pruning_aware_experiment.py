@@ -16,85 +16,37 @@ Then each final model's per-token perplexity on the held-out *Persuasion* (all o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
+from austen_experiment import CONFIG, Experiment
 
 from effllm.compress import calibration_ids
 from effllm.compress.structured import prune_structured
-from effllm.eval.corpus import heldout_text, training_text
-from effllm.eval.perplexity import perplexity
 from effllm.models import load_model, load_tokenizer, save_model
 from effllm.models.config import ModelConfig
-from effllm.models.default import default_model_path
-from effllm.train import TrainConfig, train
 from effllm.train.pruning_aware import parameter_count
-
-CONFIG = Path("recipes/default-model/config.json")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--root", default="runs/pruning-aware")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--mlp-ratio", type=float, default=0.5, help="share of MLP channels the target lacks")
-    parser.add_argument(
-        "--recovery", type=float, default=0.2, help="prune-after: share of steps after pruning"
-    )
-    args = parser.parse_args()
-    root = Path(args.root)
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    data = root / "data" / "austen.txt"
-    if not data.exists():
-        data.write_text(training_text())
-    tokenizer_dir = default_model_path()
+    def more(p):
+        p.add_argument("--mlp-ratio", type=float, default=0.5, help="share of MLP channels the target lacks")
+        p.add_argument(
+            "--recovery", type=float, default=0.2, help="prune-after: share of steps after pruning"
+        )
+
+    args, exp = Experiment.from_args(__doc__, "runs/pruning-aware", steps=600, lr=2e-3, more=more)
+    root = exp.root
     full = ModelConfig.from_json_file(CONFIG)
     small = dataclasses.replace(full, intermediate_size=round(full.intermediate_size * (1 - args.mlp_ratio)))
     target = parameter_count(small)
-    small_config = root / "data" / "small-config.json"
-    config_json = json.loads(CONFIG.read_text()) | {"intermediate_size": small.intermediate_size}
-    small_config.write_text(json.dumps(config_json, indent=2))
+    small_config = exp.model_config("small", intermediate_size=small.intermediate_size)
 
     def run(name: str, steps: int, **options) -> Path:
-        out = root / name
-        if (out / "model.safetensors").exists():
-            print(f"{name}: already trained, kept", flush=True)
-            return out
-        values = dict(
-            model_config=str(CONFIG),
-            tokenizer=str(tokenizer_dir),
-            data=[str(data)],
-            out=str(out),
-            steps=steps,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            optimizer="adamw",
-            optimizer_options={"betas": [0.9, 0.95]},
-            lr=args.lr,
-            weight_decay=0.1,
-            warmup_steps=max(1, steps // 20),
-            schedule="cosine",
-            precision="bf16",
-            eval_fraction=0.02,
-            eval_every=100,
-            eval_batches=8,
-            save_every=100,
-            resume=True,
-            tensorboard=False,
-            log_every=20,
-        )
-        values.update(options)
-        train(TrainConfig(**values))
-        return out
+        return exp.run(name, steps, **{"model_config": str(CONFIG), "log_every": 20, **options})
 
     started = time.perf_counter()
     arms = {"scratch": run("scratch", args.steps, model_config=str(small_config))}
@@ -119,12 +71,10 @@ def main() -> None:
     )
     print(f"trained in {time.perf_counter() - started:.0f} s", flush=True)
 
-    text = heldout_text()
     rows = []
     for name, folder in arms.items():
-        model = load_model(folder, dtype=torch.float32, device="cpu")
-        params = sum(p.numel() for p in model.parameters())
-        ppl = perplexity(model, load_tokenizer(folder), text, batch_size=8).token_perplexity
+        params = sum(p.numel() for p in load_model(folder, dtype=torch.float32, device="cpu").parameters())
+        ppl = exp.persuasion_perplexity(folder)
         rows.append({"arm": name, "params": params, "perplexity": round(ppl, 3)})
         print(f"{name:14s} {params:,} parameters, Persuasion perplexity {ppl:.3f}", flush=True)
     tokens = args.steps * args.batch_size * args.seq_len

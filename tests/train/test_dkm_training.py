@@ -1,16 +1,12 @@
 """`effllm train --method dkm`: the run writes a palettized model (at most 2^bits values per decoder
 matrix, embeddings untouched) and a killed run resumes exactly."""
 
-from pathlib import Path
-
-import pytest
 import torch
 
 from effllm.models import load_model
 from effllm.train import train
-from effllm.train.metrics import read_metrics
 
-from .test_resume import run_until_killed
+from .test_resume import assert_resumes_like
 
 
 def dkm_run(make_config, name, **options):
@@ -26,11 +22,6 @@ def test_dkm_training_writes_a_palettized_model_and_resumes_exactly(make_config)
     for layer in model.model.layers:
         assert layer.mlp.down_proj.weight.unique().numel() <= 4
     assert model.model.embed_tokens.weight.unique().numel() > 4  # embeddings keep full precision
-    expected = [row["loss"] for row in read_metrics(Path(reference.out) / "metrics.jsonl")]
-    killed = dkm_run(make_config, "killed", keep_last=1)
-    out = Path(killed.out)
-    extra = ["--method", "dkm", "--dkm-bits", "2"]
-    run_until_killed(killed, "checkpoint: saved " + str(out / "checkpoints" / "step-00000004"), None, extra)
-    killed.resume = True
-    train(killed)
-    assert [row["loss"] for row in read_metrics(out / "metrics.jsonl")] == pytest.approx(expected, abs=1e-6)
+    assert_resumes_like(
+        reference, dkm_run(make_config, "killed", keep_last=1), ["--method", "dkm", "--dkm-bits", "2"]
+    )

@@ -17,7 +17,7 @@ from effllm.train.loss import causal_lm_loss
 from effllm.train.metrics import read_metrics
 from effllm.train.packing import IGNORE_INDEX
 
-from .test_resume import run_until_killed
+from .test_resume import assert_resumes_like
 
 
 def _logits_and_labels(seed=0, vocab=11):
@@ -140,14 +140,9 @@ def test_salt_ds_distils_on_the_selection(make_config, teacher):
 def test_salt_resumes_exactly_after_a_kill(make_config, teacher):
     reference = salt_run(make_config, teacher, "reference", kd_select=0.5)
     train(reference)
-    expected = [row["loss"] for row in read_metrics(Path(reference.out) / "metrics.jsonl")]
     killed = salt_run(make_config, teacher, "killed", kd_select=0.5, keep_last=1)
-    out = Path(killed.out)
     extra = ["--teacher", teacher, "--kd-until-step", "3", "--kd-temperature", "2.0", "--kd-select", "0.5"]
-    run_until_killed(killed, "checkpoint: saved " + str(out / "checkpoints" / "step-00000002"), None, extra)
-    killed.resume = True
-    train(killed)
-    assert [row["loss"] for row in read_metrics(out / "metrics.jsonl")] == pytest.approx(expected, abs=1e-6)
+    assert_resumes_like(reference, killed, extra, kill_step=2)  # killed inside the distillation stage
 
 
 def test_salt_options_are_checked_up_front(make_config, teacher, tmp_path):

@@ -14,7 +14,7 @@ from effllm.models.quantized_linear import QuantizedLinear
 from effllm.train import Trainer, train
 from effllm.train.metrics import read_metrics
 
-from .test_resume import run_until_killed
+from .test_resume import assert_resumes_like
 
 
 @pytest.fixture
@@ -80,9 +80,6 @@ def test_qlora_trains_adapters_over_a_quantized_base(make_config, base):
 def test_lora_resumes_exactly_after_a_kill(make_config, base):
     reference = lora_run(make_config, base, "reference")
     train(reference)
-    expected = [row["loss"] for row in read_metrics(Path(reference.out) / "metrics.jsonl")]
-    killed = lora_run(make_config, base, "killed", keep_last=1)
-    out = Path(killed.out)
     extra = [
         "--model",
         base,
@@ -94,10 +91,7 @@ def test_lora_resumes_exactly_after_a_kill(make_config, base):
         "q_proj,v_proj",
         "down_proj",
     ]
-    run_until_killed(killed, "checkpoint: saved " + str(out / "checkpoints" / "step-00000004"), None, extra)
-    killed.resume = True
-    train(killed)
-    assert [row["loss"] for row in read_metrics(out / "metrics.jsonl")] == pytest.approx(expected, abs=1e-6)
+    assert_resumes_like(reference, lora_run(make_config, base, "killed", keep_last=1), extra)
 
 
 def test_lora_options_are_checked_up_front(make_config, base):

@@ -68,6 +68,20 @@ def run_until_killed(config, kill_line: str, inside: Path | None, extra: list[st
         proc.wait()
 
 
+def assert_resumes_like(reference, killed, extra: list[str], kill_step: int = 4) -> None:
+    """Run `killed` (the options of the already trained `reference`, plus keep_last=1) in a subprocess with
+    the `extra` flags, kill it once checkpoint `kill_step` is saved, resume it, and check that every step's
+    loss equals the uninterrupted run's."""
+    expected = [row["loss"] for row in read_metrics(Path(reference.out) / "metrics.jsonl")]
+    out = Path(killed.out)
+    run_until_killed(
+        killed, "checkpoint: saved " + str(out / "checkpoints" / f"step-{kill_step:08d}"), None, extra
+    )
+    killed.resume = True
+    train(killed)
+    assert [row["loss"] for row in read_metrics(out / "metrics.jsonl")] == pytest.approx(expected, abs=1e-6)
+
+
 def test_resume_after_sigkill_mid_save_matches_an_uninterrupted_run(make_config):
     reference = make_config("reference", steps=STEPS, save_every=2)
     train(reference)

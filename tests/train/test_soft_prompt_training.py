@@ -16,7 +16,7 @@ from effllm.models.soft_prompt import add_soft_prompt, load_soft_prompt, save_so
 from effllm.train import Trainer, train
 from effllm.train.metrics import read_metrics
 
-from .test_resume import run_until_killed
+from .test_resume import assert_resumes_like
 
 
 @pytest.fixture
@@ -80,14 +80,9 @@ def test_only_the_prompt_trains_and_the_held_out_loss_falls(make_config, pruned,
 def test_soft_prompt_resumes_exactly_after_a_kill(make_config, pruned):
     reference = prompt_run(make_config, pruned, "reference", eval_every=0)
     train(reference)
-    expected = [row["loss"] for row in read_metrics(Path(reference.out) / "metrics.jsonl")]
     killed = prompt_run(make_config, pruned, "killed", eval_every=0, keep_last=1)
-    out = Path(killed.out)
     extra = ["--model", pruned, "--method", "soft-prompt", "--soft-prompt-tokens", "4"]
-    run_until_killed(killed, "checkpoint: saved " + str(out / "checkpoints" / "step-00000004"), None, extra)
-    killed.resume = True
-    train(killed)
-    assert [row["loss"] for row in read_metrics(out / "metrics.jsonl")] == pytest.approx(expected, abs=1e-6)
+    assert_resumes_like(reference, killed, extra)
 
 
 def test_a_prompt_that_does_not_fit_the_context_is_refused(make_config, pruned):

@@ -18,7 +18,7 @@ from effllm.train import Trainer, train
 from effllm.train.metrics import read_metrics
 from effllm.train.unlearn import uniform_kl
 
-from .test_resume import run_until_killed
+from .test_resume import assert_resumes_like
 
 FORGET = "".join(f"Captain Wentworth met Anne Elliot at Kellynch, chapter {i % 5}.\n" for i in range(40))
 
@@ -103,15 +103,10 @@ def test_the_assistant_learns_the_forget_set_with_adapters_only(make_config, bas
 def test_uld_resumes_exactly_after_a_kill(make_config, base, forget_file):
     reference = uld_run(make_config, base, forget_file, "reference")
     train(reference)
-    expected = [row["loss"] for row in read_metrics(Path(reference.out) / "metrics.jsonl")]
     killed = uld_run(make_config, base, forget_file, "killed", keep_last=1, data=[forget_file])
-    out = Path(killed.out)
     extra = ["--model", base, "--method", "uld", "--forget", forget_file, "--retain", *killed.retain]
     extra += ["--uld-layers", "1", "--lora-rank", "4", "--lora-targets", "all-linear"]
-    run_until_killed(killed, "checkpoint: saved " + str(out / "checkpoints" / "step-00000004"), None, extra)
-    killed.resume = True
-    train(killed)
-    assert [row["loss"] for row in read_metrics(out / "metrics.jsonl")] == pytest.approx(expected, abs=1e-6)
+    assert_resumes_like(reference, killed, extra)
 
 
 def test_uld_options_are_checked_up_front(make_config, base, forget_file):

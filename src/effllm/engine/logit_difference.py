@@ -80,8 +80,7 @@ class LogitDifference:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """`logits` [R, V]: one row per request in `requests` (no drafts), each at its last token."""
         starts = [self.side.start(r) for r in requests]
-        full = [s is None for s in starts]
-        if any(full):
+        if None in starts:  # cannot happen while the side cache has as many blocks as the model's
             raise RuntimeError("the ULD assistant's KV cache is full; lower max_num_seqs or max_model_len")
         feeds = [r.token_ids[s:] for r, s in zip(requests, starts, strict=True)]
         hidden = self.side.run(requests, feeds, starts)

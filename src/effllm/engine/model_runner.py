@@ -71,10 +71,10 @@ class ModelRunner:
                 prepack_bf16(model)
         self.fused_decode = None
         # LoRA adapters chosen per request: the module forwards add them, so no fused step or captured graph.
-        self.adapters = getattr(model, "adapter_context", None) is not None
+        self.has_adapters = getattr(model, "adapter_context", None) is not None
         # The fused step does its own attention: only where the CPU's paged backend would run it anyway.
         paged = type(self.backend) is PagedAttention
-        fused = config.cpu_fused_decode and not self.adapters
+        fused = config.cpu_fused_decode and not self.has_adapters
         if self.device.type == "cpu" and config.cpu_gemv and fused and paged:
             self.fused_decode = CPUDecodeStep.build(model, self.cache, config.cpu_fused_decode)
         self.sampler = Sampler(self.device, config.seed)
@@ -87,9 +87,8 @@ class ModelRunner:
             else None
         )
         self.graphs: DecodeGraphs | None = None
-        graphs_fit = (
-            self.skip_schedule is None and not self.adapters
-        )  # the graph runs every layer, no adapters
+        # The captured graph runs every layer of every row, without adapters.
+        graphs_fit = self.skip_schedule is None and not self.has_adapters
         if (
             isinstance(self.backend, TritonPagedAttention)
             and on_cuda
@@ -192,7 +191,7 @@ class ModelRunner:
 
     def _adapter_rows(self, out: SchedulerOutput, layout: StepLayout) -> Any:
         """Within it, each request's rows of the step get its LoRA adapter (when adapters are loaded)."""
-        if not self.adapters:
+        if not self.has_adapters:
             return contextlib.nullcontext()
         rows: dict[int, list[int]] = {}
         for i, request in enumerate(out.requests):

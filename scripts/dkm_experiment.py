@@ -60,8 +60,10 @@ def main() -> None:
     for name, folder in arms.items():
         ppl = exp.persuasion_perplexity(folder)
         model = load_model(folder, dtype=torch.float32, device="cpu")
-        values = max(
-            int(m.weight.unique().numel()) for n, m in model.named_modules() if n.endswith("down_proj")
+        values = max(  # the dkm arm is written palettized, the others dense with snapped weights
+            int((m.dequantized_weight() if hasattr(m, "palette") else m.weight).unique().numel())
+            for n, m in model.named_modules()
+            if n.endswith("down_proj")
         )
         rows.append({"model": name, "perplexity": round(ppl, 3), "distinct_values_per_matrix": values})
         print(

@@ -188,3 +188,29 @@ def test_prune_llm_pruner_writes_a_smaller_checkpoint(tiny, tmp_path, capsys):
     assert small.config.intermediate_size == load_model(tiny, device="cpu").config.intermediate_size * 3 // 4
     err = _one_line_error(capsys, [*argv[:-2], "--pattern", "3:2", "--out", str(tmp_path / "x")])
     assert "N:M" in err and not (tmp_path / "x").exists()
+
+
+def test_palettize_writes_a_palettized_checkpoint_with_the_report(tiny, tmp_path, capsys):
+    out = tmp_path / "p"
+    argv = ["compress", "palettize", "--model", str(tiny), "--bits", "3", "--rows-per-palette", "16"]
+    assert main([*argv, "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        report["format"] == "palettized" and report["weight_bytes_after"] < report["weight_bytes_before"] / 2
+    )
+    assert report["perplexity_after"] > 0 and report["decode_tokens_per_s_after"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["effllm"]["compression"] == {
+        "format": "palettized",
+        "bits": 3,
+        "rows_per_palette": 16,
+        "ignore": ["lm_head"],
+    }
+    down = load_model(out, device="cpu").model.layers[0].mlp.down_proj
+    assert type(down).__name__ == "PalettizedLinear" and down.palette.shape[1] == 8
+    assert main(["generate", "Hello", "--model", str(out), "--max-tokens", "4"]) == 0
+    _one_line_error(
+        capsys, [*argv[:-2], "--model", str(out), "--out", str(tmp_path / "again"), "--no-report"]
+    )
+    _one_line_error(capsys, [*argv[:-1], "7", "--out", str(tmp_path / "odd"), "--no-report"])
+    assert not (tmp_path / "odd").exists()

@@ -1,9 +1,10 @@
 """`effllm bench quantized`: the same random weights dense and quantized, measured side by side.
 
-For each variant (`fp32`, `bf16`, `w8a16`, `w8a8`, `w4a16`, `w4a8`) the benchmark loads the one random
-checkpoint of `--shape` (or `--model`), quantizes it by round to nearest (bf16 dense layers and scales; the
-method does not change the speed; w4a8 is QoQ's progressive grid in groups of `--group-size`, as w4a16,
-without its data-driven steps), and measures batch-1 prefill and decode (greedy, EOS ignored) and, with
+For each variant (`fp32`, `bf16`, `w8a16`, `w8a8`, `w4a16`, `w4a8`, `pal4`, `pal3`) the benchmark loads the
+one random checkpoint of `--shape` (or `--model`), quantizes it by round to nearest (bf16 dense layers and
+scales; the method does not change the speed; w4a8 is QoQ's progressive grid in groups of `--group-size`,
+as w4a16, without its data-driven steps) or palettizes it (`palN`: k-means, one N-bit palette per matrix,
+bf16 palettes; the lookup-table kernel), and measures batch-1 prefill and decode (greedy, EOS ignored) and, with
 `--throughput-requests N`, offline throughput of N requests. Speed ratios against bf16 and fp32 come from
 the same run; the roofline share uses the variant's actual weight bytes and a bandwidth measured in the run.
 """
@@ -25,7 +26,8 @@ from effllm.engine.config import EngineConfig
 from effllm.engine.llm_engine import LLMEngine
 from effllm.models import load_model
 
-VARIANTS = ("fp32", "bf16", "w8a16", "w8a8", "w4a16", "w4a8")
+VARIANTS = ("fp32", "bf16", "w8a16", "w8a8", "w4a16", "w4a8", "pal4", "pal3")
+PALETTES = {"pal4": 4, "pal3": 3}  # variant -> index bits
 NO_PREFIX_CACHING = {"enable_prefix_caching": False}
 
 
@@ -39,6 +41,10 @@ def build_variant(path: str, variant: str, group_size: int, skip: list[str]):
         if variant == "w4a8":  # the grid only: rotation, smoothing and GPTQ change the values, not the speed
             options = dict(group_size=group_size, method="rtn", rotate=False, smooth_linear=False)
         quantize_(model, SCHEMES[variant](skip=skip, **options), show_progress=False)
+    elif variant in PALETTES:
+        from effllm.compress.palettize import palettize_
+
+        palettize_(model, PALETTES[variant], skip=skip, show_progress=False)
     return model
 
 

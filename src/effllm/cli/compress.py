@@ -31,7 +31,7 @@ def register(subparsers) -> None:
         description="Model compression.",
     )
     sub = p.add_subparsers(
-        dest="compress_command", metavar="{quantize,prune,merge-lora,import-gguf}", required=True
+        dest="compress_command", metavar="{quantize,palettize,prune,merge-lora,import-gguf}", required=True
     )
     m = sub.add_parser(
         "merge-lora",
@@ -165,7 +165,96 @@ def register(subparsers) -> None:
     )
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=run_quantize)
+    _register_palettize(sub)
     _register_prune(sub)
+
+
+def _register_palettize(sub) -> None:
+    pa = sub.add_parser(
+        "palettize",
+        help="k-means palettization: each matrix as 2^bits values plus a bits-bit index per weight",
+        description="Post-training palettization (coremltools' k-means palettizer): every linear but --skip "
+        "becomes a palette of 2^bits values (per matrix, or per --rows-per-palette output rows) and a "
+        "bits-bit index per weight, stored as bit planes (EffLLM's `palettized` layout, docs/compression.md) "
+        "and run by the lookup-table kernel. DKM (`effllm train --method dkm`) learns the palettes in "
+        "training and writes the same layout. Ends with the report of `compress quantize`.",
+    )
+    pa.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
+    pa.add_argument(
+        "--out", required=True, help="folder to write the palettized checkpoint to (must not exist)"
+    )
+    pa.add_argument(
+        "--bits", type=int, default=4, choices=range(1, 9), metavar="{1..8}", help="index bits (default 4)"
+    )
+    pa.add_argument(
+        "--rows-per-palette",
+        type=int,
+        default=None,
+        help="output rows sharing one palette (coremltools' per_grouped_channel group_size; default: one per matrix)",
+    )
+    pa.add_argument(
+        "--skip",
+        default="lm_head",
+        help="comma-separated linear names (or re:PATTERN) left dense (default lm_head)",
+    )
+    pa.add_argument("--seed", type=int, default=0, help="k-means++ seed (default 0)")
+    pa.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
+    )
+    pa.add_argument(
+        "--no-report", dest="report", action="store_false", help="skip the perplexity and speed measurements"
+    )
+    pa.add_argument("--json", action="store_true", help="print the report as JSON")
+    pa.set_defaults(func=run_palettize)
+
+
+def run_palettize(args: argparse.Namespace) -> int:
+    from effllm.compress.palettize import palettize_
+    from effllm.compress.sizes import resident_bytes
+    from effllm.models import load_model, load_tokenizer, save_model
+    from effllm.models.default import default_model_path
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out} already exists; pass a new --out folder")
+    if args.rows_per_palette is not None and args.rows_per_palette < 1:
+        raise InputError(f"--rows-per-palette must be a positive number of rows, got {args.rows_per_palette}")
+    path = args.model or str(default_model_path())
+    model = load_model(path, dtype=args.dtype, device="cpu")
+    if model.config.effllm.get("compression") or model.config.quantization_config:
+        raise InputError(f"{path} is already compressed; palettize the dense checkpoint")
+    tokenizer = load_tokenizer(path)
+    before = _measure(model, tokenizer) if args.report else {}
+    bytes_before = resident_bytes(model)
+    start = time.perf_counter()
+    palettize_(
+        model, args.bits, args.rows_per_palette, [s for s in args.skip.split(",") if s], seed=args.seed
+    )
+    seconds = time.perf_counter() - start
+    save_model(model, out, tokenizer=tokenizer)
+    report = {
+        "model": path,
+        "out": str(out),
+        "scheme": f"palettized {args.bits}-bit",
+        "method": "k-means"
+        + (f", a palette per {args.rows_per_palette} rows" if args.rows_per_palette else ""),
+        "bits": args.bits,
+        "rows_per_palette": args.rows_per_palette,
+        "quantize_seconds": round(seconds, 2),
+        "weight_bytes_before": bytes_before,
+        "weight_bytes_after": resident_bytes(model),
+        "format": "palettized",
+        "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+    }
+    if args.report:
+        after = _measure(model, tokenizer)
+        report.update({f"{k}_before": v for k, v in before.items()})
+        report.update({f"{k}_after": v for k, v in after.items()})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    return 0
 
 
 def _register_prune(sub) -> None:

@@ -17,8 +17,8 @@ forward, differentiably (`fake_palettize.py::diff_palettize_seq`):
 The centroids carry over from step to step (detached), initialised by k-means++ and Lloyd's iterations on
 the weights at the first training forward. In eval mode the weight is the hard palette: each weight takes
 its nearest centroid. tau (coremltools' `palett_tau`, 1e-4) sets how soft the assignment is; as tau -> 0
-the soft weights become the hard ones (tested). What is not here: coremltools' splitting of duplicate
-centroids, per-channel scales, vector clusters, and eDKM's saved-tensor compression.
+the soft weights become the hard ones (tested). `edkm=True` adds eDKM's memory saving (`compress/edkm.py`).
+What is not here: coremltools' splitting of duplicate centroids, per-channel scales, vector clusters.
 """
 
 from __future__ import annotations
@@ -87,26 +87,58 @@ def hard_palettize(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 class DKMWeight(nn.Module):
-    """The parametrization of a weight: soft clusters in training, the hard palette in eval."""
+    """The parametrization of a weight: soft clusters in training, the hard palette in eval.
 
-    def __init__(self, bits: int, tau: float = 1e-4, iters: int = 3, epsilon: float = 1e-4, seed: int = 0):
+    With `edkm`, eDKM's setting (`compress/edkm.py`): the weights are clustered as the bfloat16 values a
+    16-bit layer multiplies with (the rounding passes gradients straight through), so a matrix takes at
+    most 2^16 distinct values, and the maps the soft assignment saves for the backward are stored once per
+    distinct value (and on the CPU while the weights sit on an accelerator). `last_saved` holds the
+    saved-tensor figures of the latest training forward."""
+
+    def __init__(
+        self,
+        bits: int,
+        tau: float = 1e-4,
+        iters: int = 3,
+        epsilon: float = 1e-4,
+        seed: int = 0,
+        edkm: bool = False,
+    ):
         super().__init__()
         if not 1 <= bits <= 8:
             raise ConfigError(f"--dkm-bits must be in [1, 8], got {bits}")
         if tau <= 0 or iters < 1:
             raise ConfigError(f"DKM needs tau > 0 and at least one iteration, got tau {tau}, iters {iters}")
         self.bits, self.tau, self.iters, self.epsilon, self.seed = bits, tau, iters, epsilon, seed
+        self.edkm = self.compress_saved = (
+            edkm  # compress_saved off: eDKM's values without its hooks (ablation)
+        )
+        self.last_saved = None
         self.register_buffer("centroids", torch.zeros(2**bits))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
+    def clustered(self, w: torch.Tensor) -> torch.Tensor:
+        """The values clustered: the weights, or (eDKM) their bfloat16 roundings, gradients straight through."""
+        if not self.edkm or w.element_size() <= 2:
+            return w
+        return w + (w.to(torch.bfloat16).to(w.dtype) - w).detach()  # gradients pass in w's precision
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w = self.clustered(w)
         if not bool(self.initialised):
             with torch.no_grad():
                 self.centroids.copy_(kmeans_1d(w, 2**self.bits, seed=self.seed))
                 self.initialised.fill_(True)
         if not self.training:
             return hard_palettize(w, self.centroids)
-        palettized, centroids = soft_palettize(w, self.centroids, self.tau, self.iters, self.epsilon)
+        if self.edkm and self.compress_saved and torch.is_grad_enabled():
+            from effllm.compress.edkm import SavedMapCompression
+
+            with SavedMapCompression(w, offload=None if w.device.type == "cpu" else "cpu") as saved:
+                palettized, centroids = soft_palettize(w, self.centroids, self.tau, self.iters, self.epsilon)
+            self.last_saved = saved.stats
+        else:
+            palettized, centroids = soft_palettize(w, self.centroids, self.tau, self.iters, self.epsilon)
         with torch.no_grad():
             self.centroids.copy_(centroids.detach())
         return palettized
@@ -119,13 +151,17 @@ def dkm_targets(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def apply_dkm(model: nn.Module, bits: int, tau: float = 1e-4, iters: int = 3, seed: int = 0) -> int:
+def apply_dkm(
+    model: nn.Module, bits: int, tau: float = 1e-4, iters: int = 3, seed: int = 0, edkm: bool = False
+) -> int:
     """Register a `DKMWeight` on every decoder linear's weight (in place); returns how many."""
     targets = dkm_targets(model)
     if not targets:
         raise ConfigError("the model has no decoder linears to palettize")
     for i, module in enumerate(targets.values()):
-        parametrize.register_parametrization(module, "weight", DKMWeight(bits, tau, iters, seed=seed + i))
+        parametrize.register_parametrization(
+            module, "weight", DKMWeight(bits, tau, iters, seed=seed + i, edkm=edkm)
+        )
     return len(targets)
 
 

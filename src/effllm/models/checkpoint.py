@@ -16,7 +16,7 @@ from torch import nn
 from effllm.core.dtypes import dtype_name, parse_device, parse_dtype
 from effllm.core.errors import CheckpointError
 from effllm.core.memory import check_fits
-from effllm.models import qoq_linear, quantized_linear  # noqa: F401  (register the compressed-tensors and qoq layouts)
+from effllm.models import palettized_linear, qoq_linear, quantized_linear  # noqa: F401  (register the layouts)
 from effllm.models.config import ModelConfig
 from effllm.models.foreign_quant import finalize as finalize_foreign_quant
 from effllm.models.hub import checkpoint_file, resolve_model_path

@@ -137,6 +137,11 @@ class TrainConfig:
     dkm_bits: int = option(3, "--method dkm: palette size 2^bits per weight matrix")
     dkm_tau: float = option(1e-4, "--method dkm: softmax temperature of the soft assignment (coremltools')")
     dkm_iters: int = option(3, "--method dkm: differentiable k-means iterations per forward")
+    dkm_edkm: bool = option(
+        False,
+        "--method dkm: eDKM's memory saving: cluster the weights' bfloat16 values and store the maps saved "
+        "for the backward once per distinct value (on the CPU while training on an accelerator)",
+    )
     teacher: str | None = option(
         None, "SALT (--method salt, implied): a smaller model of the same tokenizer to distil from at first"
     )

@@ -1,9 +1,10 @@
 """The fused CPU decode step (`engine/cpu_decode_step.py`, `kernels/cpu/decode_step.c`) against the model's
 PyTorch forward: the same log-probabilities step after step (GQA, biases, sliding windows, float32 and
 bfloat16), the portable build equal to the AVX-512 one, and the PyTorch path whenever the model is not what
-the kernel was set up for."""
+the kernel was set up for; palettized models through the same step."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -147,3 +148,51 @@ def test_replaced_weights_are_read_after_the_replacement(model):
         assert fused != before
     finally:
         down.weight.data = original
+
+
+def palettized(model, bits=3):
+    from effllm.compress.palettize import palettize_
+
+    model = copy.deepcopy(model)
+    if any(m.in_features % 32 for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        pytest.skip("a linear's inputs are not a multiple of 32")
+    palettize_(model, bits, show_progress=False)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_palettized_models_take_the_fused_step_with_the_same_log_probabilities(model, dtype):
+    model = palettized(model)
+    calls = []
+    fused, plain = run(model, 8, dtype, calls), run(model, 0, dtype)
+    assert calls and max(calls) > 1
+    if dtype == "float32":
+        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=1e-4, atol=1e-4)
+    else:
+        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
+        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
+        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-gfni", "-mno-avx512vbmi")])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_portable_builds_run_palettized_steps_alike(model, flags, dtype, monkeypatch):
+    """The fused step built as a CPU without AVX-512, or without VBMI/GFNI, compiles it."""
+    from effllm.engine import cpu_decode_step as engine_step
+    from effllm.kernels.cpu.build import cpu_features
+
+    if "-mno-gfni" in flags and "avx512bw" not in cpu_features():
+        pytest.skip("no AVX-512 here")
+    lib = kernel.load_library(flags)
+    if lib is None:
+        pytest.skip("no C compiler")
+    llm = LLM(palettized(model), dtype=dtype, enable_prefix_caching=False, max_num_seqs=4)
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=2)
+    default = llm.generate(prompts(3), params, use_tqdm=False)
+    monkeypatch.setattr(engine_step, "decode_step", functools.partial(kernel.decode_step, library=lib))
+    portable = llm.generate(prompts(3), params, use_tqdm=False)
+    assert [o.token_ids[:2] for o in portable] == [o.token_ids[:2] for o in default]
+    tolerance = 0.05 if dtype == "bfloat16" else 1e-4
+    first = [lp[0] for lp in logprobs(portable)], [lp[0] for lp in logprobs(default)]
+    torch.testing.assert_close(*first, rtol=tolerance, atol=tolerance)

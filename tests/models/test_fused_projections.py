@@ -63,3 +63,26 @@ def test_hooks_and_replaced_weights_retire_the_fusion():
         attn.k_proj.weight.data = attn.k_proj.weight.data * 2  # a new tensor, not an in-place change
         after = model(ids)
     assert not torch.allclose(after, before)  # the doubled keys were used, not the fused copy
+
+
+@pytest.mark.parametrize("rows_per_palette", [None, 16])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_palettized_parts_fuse_each_row_on_its_own_palette(rows_per_palette, rows):
+    from effllm.compress.palettize import palettize_
+    from effllm.models.palettized_linear import PalettizedLinear
+
+    model = quant_model()
+    palettize_(model, 3, rows_per_palette, show_progress=False)
+    ids = torch.randint(0, 96, (1, rows), generator=torch.Generator().manual_seed(rows))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        before = model(ids)
+        assert fuse_projections(model) == 4
+        after = model(ids)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    attn = model.model.layers[0].self_attn
+    fused = attn.__dict__["fused_qkv"]
+    assert isinstance(fused, PalettizedLinear) and fused.row_palette is not None
+    assert attn.k_proj.planes.data_ptr() == fused.planes[attn.q_proj.out_features :].data_ptr()  # a view
+    after_state = model.state_dict()
+    assert list(after_state) == list(state) and all(torch.equal(after_state[k], v) for k, v in state.items())

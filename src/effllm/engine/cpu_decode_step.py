@@ -7,7 +7,8 @@ layer in one OpenMP region instead (the CPU counterpart of the CUDA graphs `cuda
 
 A step takes this path when the engine runs the CPU's paged attention backend (an explicitly chosen
 backend keeps its own attention), every request decodes one token, there are at most
-`--cpu-fused-decode` of them and the model still is what the kernel was set up for: float32 or bfloat16 dense linears with q/k/v and gate/up
+`--cpu-fused-decode` of them and the model still is what the kernel was set up for: float32 or bfloat16 dense linears,
+or palettized ones (`PalettizedLinear`, one bit width), with q/k/v and gate/up
 fused (`models/fused_projections`), a float32 or bfloat16 KV cache of the model's dtype, SiLU, no hooks
 on the projections. Anything else (quantized weights, an int8/int4 cache, prefill chunks, drafts,
 SkipDecode's partial depths) takes the model's PyTorch forward, which is also its reference in the tests.
@@ -22,6 +23,7 @@ from effllm.engine.step_layout import StepLayout
 from effllm.kernels.cpu_decode_step import MAX_ROWS, LayerPointers, decode_step, decode_step_available
 from effllm.models.decode_linear import DecodeLinear
 from effllm.models.fused_projections import current
+from effllm.models.palettized_linear import PalettizedLinear
 from effllm.models.transformer import CausalLM
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -53,21 +55,41 @@ class CPUDecodeStep:
         step = cls(model, cache, max_rows) if suitable else None
         return step if step is not None and step._tensors() is not None else None
 
-    def _tensors(self) -> list[tuple[torch.Tensor, ...]] | None:
-        """Per layer the tensors the kernel reads, or None when a layer is not plain fused dense."""
+    def _tensors(self) -> list[tuple] | None:
+        """Per layer the tensors the kernel reads (weights, biases, norms; then, for palettized layers, the
+        four palette tables, row palettes and the bits), or None when a layer is neither plain fused dense
+        nor fused palettized."""
         out = []
         for layer in self.model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = current(attn.__dict__.get("fused_qkv"), attn.q_proj, attn.k_proj, attn.v_proj)
             gu = current(mlp.__dict__.get("fused_gate_up"), mlp.gate_proj, mlp.up_proj)
             linears = (qkv, attn.o_proj, gu, mlp.down_proj)
-            if any(type(m) not in (DecodeLinear, torch.nn.Linear) for m in linears):
-                return None
-            if any(m._forward_hooks or m._forward_pre_hooks for m in linears[1::2]):
+            if any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in linears[1::2]):
                 return None
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            out.append(tuple(t for m in linears for t in (m.weight, m.bias)) + norms)
+            if all(type(m) in (DecodeLinear, torch.nn.Linear) for m in linears):
+                out.append((tuple(t for m in linears for t in (m.weight, m.bias)) + norms, None))
+            elif all(isinstance(m, PalettizedLinear) for m in linears) and self._palettes_fit(linears):
+                palettes = tuple(m.palette for m in linears)
+                rows = tuple(m.palette_of_rows().to(torch.int32).contiguous() for m in linears)
+                tensors = tuple(t for m in linears for t in (m.planes, m.bias)) + norms
+                out.append((tensors, (palettes, rows, linears[0].bits)))
+            else:
+                return None
+        kinds = {extra is None for _, extra in out}
+        if len(kinds) != 1:  # dense and palettized layers mixed: one step takes one kind
+            return None
         return out
+
+    @staticmethod
+    def _palettes_fit(linears) -> bool:
+        """Palettized matrices the kernel takes: one bit width and palette dtype (float32 or bfloat16)."""
+        return (
+            len({m.bits for m in linears}) == 1
+            and len({m.palette.dtype for m in linears}) == 1
+            and linears[0].palette.dtype in DTYPES
+        )
 
     def qualifies(self, layout: StepLayout) -> bool:
         return layout.all_decodes and layout.num_tokens <= self.max_rows
@@ -91,6 +113,7 @@ class CPUDecodeStep:
                 m["down_proj"],
             ):
                 w, b = mod._parameters.get("weight"), mod._parameters.get("bias")
+                w = mod._buffers.get("planes") if w is None else w  # palettized: its planes
                 out += (
                     id(mod),
                     0 if w is None else w.data_ptr(),
@@ -109,10 +132,19 @@ class CPUDecodeStep:
         signature = self._fingerprint()
         if signature == self._signature:
             return self._layers
-        tensors = self._tensors()
-        if tensors is None:
+        layers = self._tensors()
+        if layers is None:
             return None
-        f32 = [[None if t is None else t.detach().float().contiguous() for t in ts] for ts in tensors]
+        tensors = [ts for ts, _ in layers]
+        copied = (1, 3, 5, 7, 8, 9)  # biases and norm weights, as float32 (the weights are read as they are)
+        f32 = [
+            [
+                None if t is None or i not in copied else t.detach().float().contiguous()
+                for i, t in enumerate(ts)
+            ]
+            for ts in tensors
+        ]
+        extras = [extra for _, extra in layers if extra is not None]
         self._layers = LayerPointers(
             w_qkv=[ts[0] for ts in tensors],
             b_qkv=[ts[1] for ts in f32],
@@ -126,6 +158,9 @@ class CPUDecodeStep:
             norm_post=[ts[9] for ts in f32],
             k_cache=list(self.cache.k),
             v_cache=list(self.cache.v),
+            palettes=[p for palettes, _, _ in extras for p in palettes],
+            row_palettes=[r for _, rows, _ in extras for r in rows],
+            bits=extras[0][2] if extras else 0,
         )
         self._signature = signature
         return self._layers

@@ -9,7 +9,7 @@ Layer tensors are passed as per-layer pointer arrays (`LayerPointers`, built onc
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -18,7 +18,7 @@ from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
 MAX_ROWS = 16  # the kernel's MAX_ROWS: most queries per call
 _p, _pp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
-_ARGS = [_p, _p, _p, _p, _p] + [_pp] * 12 + [_p, _p, _p, _p, _p]
+_ARGS = [_p, _p, _p, _p, _p] + [_pp] * 12 + [_p, _p, _p, _p, _pp, _pp, _p]
 
 
 _FUNCTIONS = {
@@ -49,7 +49,9 @@ def _array(tensors: list[torch.Tensor | None]) -> ctypes.Array:
 @dataclass
 class LayerPointers:
     """Per layer: fused q/k/v, o, fused gate/up and down weights [out, in] (float32 or bfloat16) with their
-    float32 biases (or None), float32 norm weights, and the cache's k and v tensors."""
+    float32 biases (or None), float32 norm weights, and the cache's k and v tensors. For palettized
+    weights the weights are the bit planes (uint8), and `palettes` / `row_palettes` hold, four per layer
+    (q/k/v, o, gate/up, down), each matrix's palette table and int32 palette index per row."""
 
     w_qkv: list[torch.Tensor]
     b_qkv: list[torch.Tensor | None]
@@ -63,9 +65,14 @@ class LayerPointers:
     norm_post: list[torch.Tensor]
     k_cache: list[torch.Tensor]
     v_cache: list[torch.Tensor]
+    palettes: list[torch.Tensor] = field(default_factory=list)
+    row_palettes: list[torch.Tensor] = field(default_factory=list)
+    bits: int = 0
 
     def __post_init__(self) -> None:
-        self.arrays = [_array(getattr(self, f)) for f in self.__dataclass_fields__]
+        names = [f for f in self.__dataclass_fields__ if f not in ("palettes", "row_palettes", "bits")]
+        self.arrays = [_array(getattr(self, f)) for f in names]
+        self.palette_arrays = [_array(self.palettes), _array(self.row_palettes)]
 
 
 def decode_step(
@@ -96,6 +103,7 @@ def decode_step(
     kv_heads, head_dim, block = k0.shape[2], k0.shape[3], k0.shape[1]
     max_keys = int(lens.max())
     w_bf16 = layers.w_qkv[0].dtype == torch.bfloat16
+    palettized = bool(layers.palettes)
     dims = torch.tensor(
         [
             len(layers.w_qkv),
@@ -111,6 +119,9 @@ def decode_step(
             int(k0.dtype == torch.bfloat16),
             threads,
             max_keys,
+            int(palettized),
+            layers.bits,
+            int(palettized and layers.palettes[0].dtype == torch.bfloat16),
         ],
         dtype=torch.int64,
     )
@@ -128,5 +139,6 @@ def decode_step(
         block_tables.data_ptr(),
         lens.data_ptr(),
         windows.data_ptr(),
+        *layers.palette_arrays,
         work.data_ptr(),
     )

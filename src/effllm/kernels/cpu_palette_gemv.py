@@ -23,8 +23,8 @@ MAX_ROWS = {torch.float32: 4, torch.bfloat16: 4}
 
 _p, _i, _c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
-    "gemv_palette": ([_p, _p, _p, _c, _p, _i, _i, _i, _c, _i, _c, _c], None),
-    "dequantize_palette": ([_p, _p, _c, _p, _c, _i, _i, _i, _c, _i, _c], None),
+    "gemv_palette": ([_p, _p, _p, _c, _p, _p, _i, _i, _i, _c, _i, _c, _c], None),
+    "dequantize_palette": ([_p, _p, _c, _p, _p, _c, _i, _i, _i, _c, _i, _c], None),
     "gemv_palette_path": ([_c, _c, _c], _c),
 }
 
@@ -50,16 +50,22 @@ def path(bits: int, palette_bf16: bool, io_bf16: bool, lib: ctypes.CDLL | None =
     return "none" if lib is None else PATHS[lib.gemv_palette_path(bits, int(palette_bf16), int(io_bf16))]
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def gemv(
     x: torch.Tensor,
     planes: torch.Tensor,
     palette: torch.Tensor,
     bits: int,
     rows_per_palette: int,
+    row_palette: torch.Tensor | None = None,
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (float32 or bfloat16, contiguous) times the palettized weight [N, K]: y [M, N] in x's dtype
-    (`lib`: another build of the kernel, for tests)."""
+    """x [M, K] (float32 or bfloat16, contiguous) times the palettized weight [N, K]: y [M, N] in x's dtype.
+    Row n uses palette n // rows_per_palette, or row_palette[n] (int32) when given; `lib`: another build of
+    the kernel, for tests."""
     rows, k = x.shape
     n = planes.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype)
@@ -68,6 +74,7 @@ def gemv(
         planes.data_ptr(),
         palette.data_ptr(),
         int(palette.dtype == torch.bfloat16),
+        _ptr(row_palette),
         y.data_ptr(),
         rows,
         n,
@@ -89,6 +96,7 @@ def dequantize(
     dtype: torch.dtype,
     rows: slice | None = None,
     out: torch.Tensor | None = None,
+    row_palette: torch.Tensor | None = None,
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """The dense weight [N, K] (or its `rows`) in `dtype` (float32 or bfloat16), into `out` when given."""
@@ -99,6 +107,7 @@ def dequantize(
         planes.data_ptr(),
         palette.data_ptr(),
         int(palette.dtype == torch.bfloat16),
+        _ptr(row_palette),
         out.data_ptr(),
         int(dtype == torch.bfloat16),
         start,
@@ -117,7 +126,12 @@ TILE_BYTES = (
 
 
 def linear(
-    x: torch.Tensor, planes: torch.Tensor, palette: torch.Tensor, bits: int, rows_per_palette: int
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    palette: torch.Tensor,
+    bits: int,
+    rows_per_palette: int,
+    row_palette: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] times the palettized weight for batches past MAX_ROWS: the weight is dequantized a tile of
     rows at a time into one small buffer and multiplied there (F.linear's kernels, AMX where present), so
@@ -127,13 +141,12 @@ def linear(
     n = planes.shape[0]
     tile = max(1, min(n, TILE_BYTES // (k * x.element_size())))
     scratch = torch.empty(tile, k, dtype=x.dtype)
+    args = (planes, palette, bits, rows_per_palette, k, x.dtype)
     if tile == n:  # one tile: the product is the output
-        return F.linear(x, dequantize(planes, palette, bits, rows_per_palette, k, x.dtype, out=scratch))
+        return F.linear(x, dequantize(*args, out=scratch, row_palette=row_palette))
     y = torch.empty(rows, n, dtype=x.dtype)  # contiguous, as attention's fast kernels want q, k, v
     for start in range(0, n, tile):
         stop = min(n, start + tile)
-        w = dequantize(
-            planes, palette, bits, rows_per_palette, k, x.dtype, slice(start, stop), scratch[: stop - start]
-        )
+        w = dequantize(*args, slice(start, stop), scratch[: stop - start], row_palette=row_palette)
         y[:, start:stop] = F.linear(x, w)
     return y

@@ -4,8 +4,9 @@ matrix-vector products where it ran five (fewer kernel launches, one pass over t
 `fuse_projections(model)` concatenates the rows of each layer's q_proj, k_proj and v_proj (and of gate_proj
 and up_proj) into one module kept beside them, outside the module tree, and makes the originals' tensors
 views into it: no weight is stored twice, `state_dict()` keeps the Hugging Face names and layout, and a
-saved model is unchanged. Dense (`nn.Linear`) and quantized (`QuantizedLinear`, symmetric grids: its
-tensors are per row; `QoQLinear`, all of whose tensors are per row) projections fuse when the three (or two) share their type and grid. Attention and
+saved model is unchanged. Dense (`nn.Linear`), quantized (`QuantizedLinear`, symmetric grids: its
+tensors are per row; `QoQLinear`, all of whose tensors are per row) and palettized (`PalettizedLinear`: the
+parts' palettes concatenated, each row told its own by `row_palette`) projections fuse when the three (or two) share their type and grid. Attention and
 the MLP take the fused module while it still fuses the modules they hold (`current`). Training never calls this; the engine does, on CPU.
 """
 
@@ -17,15 +18,18 @@ from torch import nn
 from effllm.models.decode_linear import DecodeLinear
 from effllm.models.lora import is_lora
 from effllm.models.multi_lora import is_multi_lora
+from effllm.models.palettized_linear import PalettizedLinear
 from effllm.models.qoq_linear import QoQLinear
 from effllm.models.quantized_linear import QuantizedLinear
 
-_ROW_TENSORS = ("weight_packed", "weight", "weight_scale", "qweight", "group_scale", "group_zero")
+_ROW_TENSORS = ("weight_packed", "weight", "weight_scale", "qweight", "group_scale", "group_zero", "planes")
 
 
 def _grid(m: nn.Module):
     if is_lora(m) or is_multi_lora(m):  # an adapter adds its own product: the module must run itself
         return None
+    if isinstance(m, PalettizedLinear):  # rows keep their palettes (the fused module's row_palette)
+        return ("palette", m.bits, m.in_features, m.palette.dtype, m.row_palette is None)
     if isinstance(m, QoQLinear):  # every tensor is per row, activations per token: fusing is exact
         return ("qoq", m.group_size, m.in_features, m.weight_scale.dtype)
     if isinstance(m, QuantizedLinear):
@@ -54,7 +58,23 @@ def fuse_rows(parts: list[nn.Module]) -> nn.Module | None:
     bias = [p.bias for p in parts]
     if any(b is None for b in bias) and not all(b is None for b in bias):
         return None
-    if isinstance(first, QoQLinear):
+    if isinstance(first, PalettizedLinear):
+        fused = PalettizedLinear(
+            first.in_features,
+            sum(sizes),
+            bias[0] is not None,
+            first.bits,
+            sum(sizes),
+            dtype=first.palette.dtype,
+            device=first.palette.device,
+        )
+        fused.planes = torch.cat([p.planes for p in parts])
+        fused.palette = torch.cat([p.palette for p in parts])
+        offsets = torch.tensor([0] + [p.palette.shape[0] for p in parts]).cumsum(0)
+        fused.row_palette = torch.cat(
+            [p.palette_of_rows().to(torch.int32) + int(o) for p, o in zip(parts, offsets, strict=False)]
+        )
+    elif isinstance(first, QoQLinear):
         fused = QoQLinear(
             first.in_features,
             sum(sizes),
@@ -89,10 +109,14 @@ def fuse_rows(parts: list[nn.Module]) -> nn.Module | None:
         fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
     if bias[0] is not None:
         fused.bias = nn.Parameter(torch.cat([b.detach() for b in bias]), requires_grad=False)
-    start = 0
+    start = palette_start = 0
     for p, size in zip(parts, sizes, strict=True):  # the parts now read the fused tensors (no second copy)
         rows = slice(start, start + size)
-        if isinstance(p, (QuantizedLinear, QoQLinear)):
+        if isinstance(p, PalettizedLinear):  # palettes by row count: the parts' palettes, in order
+            p._buffers["planes"] = fused.planes[rows]
+            p._buffers["palette"] = fused.palette[palette_start : palette_start + p.palette.shape[0]]
+            palette_start += p.palette.shape[0]
+        elif isinstance(p, (QuantizedLinear, QoQLinear)):
             for name in _ROW_TENSORS:
                 if name in p._buffers:
                     p._buffers[name] = fused._buffers[name][rows]

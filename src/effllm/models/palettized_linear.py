@@ -84,6 +84,9 @@ class PalettizedLinear(nn.Module):
             "palette", torch.empty(out_features // rows, 2**bits, dtype=float_dtype, **factory)
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=float_dtype, **factory)) if bias else None
+        # Fused q/k/v or gate/up (models/fused_projections) whose parts keep their own palettes: the palette
+        # of each row (int32 [N]); not saved (a fused module lives outside the module tree).
+        self.register_buffer("row_palette", None, persistent=False)
 
     @classmethod
     def like(cls, linear: nn.Linear, bits: int, rows_per_palette: int | None = None) -> PalettizedLinear:
@@ -118,10 +121,16 @@ class PalettizedLinear(nn.Module):
         return unpack_planes(self.planes)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight [N, K]: row n's values looked up in its palette n // R."""
-        rows = torch.arange(self.out_features, device=self.planes.device) // self.rows_per_palette
+        """The dense weight [N, K]: row n's values looked up in its palette (n // R, or row_palette[n])."""
+        rows = self.palette_of_rows()
         weight = self.palette[rows[:, None], self.indices()]
         return weight.to(dtype or self.palette.dtype)
+
+    def palette_of_rows(self) -> torch.Tensor:
+        """Each row's palette index [N]."""
+        if self.row_palette is not None:
+            return self.row_palette.long()
+        return torch.arange(self.out_features, device=self.planes.device) // self.rows_per_palette
 
     def _kernel_ready(self, x: torch.Tensor) -> bool:
         return (
@@ -141,9 +150,13 @@ class PalettizedLinear(nn.Module):
             self.palette if self.palette.dtype in (torch.float32, torch.bfloat16) else self.palette.float()
         )
         if rows <= cpu_palette_gemv.MAX_ROWS[x2.dtype]:
-            y = cpu_palette_gemv.gemv(x2, self.planes, palette, self.bits, self.rows_per_palette)
+            y = cpu_palette_gemv.gemv(
+                x2, self.planes, palette, self.bits, self.rows_per_palette, self.row_palette
+            )
         else:  # dequantized a tile of rows at a time: memory stays at `bits` bits per weight
-            y = cpu_palette_gemv.linear(x2, self.planes, palette, self.bits, self.rows_per_palette)
+            y = cpu_palette_gemv.linear(
+                x2, self.planes, palette, self.bits, self.rows_per_palette, self.row_palette
+            )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

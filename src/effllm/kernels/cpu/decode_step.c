@@ -12,15 +12,25 @@
    concatenated as EffLLM's fused projections hold them); norm weights and biases float32; the cache
    float32 or bfloat16 [blocks, block_size, kv_heads, head_dim] per layer. Activations stay float32,
    except that with bfloat16 weights on a CPU with AVX-512 BF16 the input of each product is rounded to
-   bfloat16 for `vdpbf16ps` (what the PyTorch path's bfloat16 linears do too). */
+   bfloat16 for `vdpbf16ps` (what the PyTorch path's bfloat16 linears do too).
+
+   Palettized weights (W_KIND 1, `models/palettized_linear.py`) take the place of the dense ones: each
+   matrix is its bit planes (where the weight pointer points), a float32 or bfloat16 palette table and
+   each row's palette index (`palettes`, `row_palettes`: four per layer, q/k/v, o, gate/up, down). Their
+   rows are looked up in registers as in gemv_palette.c (palette.h), with the bfloat16 copy of the input
+   for a bfloat16 palette of up to 32 values where `vdpbf16ps` exists, float32 otherwise. */
+#include <stdlib.h>
+
 #include "attention.h"
+#include "palette.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_DPBF16 1
 #endif
 
 #define MAX_ROWS 16
 
-enum { L_, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, BLOCK, WIDTH, ROWS, W_BF16, CACHE_BF16, THREADS, MAX_KEYS, NDIMS };
+enum { L_, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, BLOCK, WIDTH, ROWS, W_BF16, CACHE_BF16, THREADS, MAX_KEYS,
+       W_KIND, PAL_BITS, PAL_BF16, NDIMS };
 
 int64_t decode_step_work(const int64_t *dims) {  /* floats of `work` decode_step needs */
     const int64_t B = dims[ROWS], hidden = dims[HIDDEN], H = dims[HEADS], Hkv = dims[KV_HEADS], D = dims[HEAD_DIM];
@@ -118,6 +128,110 @@ static void matvec(const void *w, int w_bf16, const float *bias, const float *x,
     }
 }
 
+/* A palettized matrix: its planes, palette table, each row's palette and the index constants. */
+typedef struct {
+    const uint8_t *planes;
+    const void *palette;
+    const int32_t *row_palette;
+    int bits, bf16;
+#ifdef __AVX512F__
+    palette_consts consts;
+#endif
+} palettized;
+
+/* matvec's contract for a palettized matrix. */
+static void matvec_palette(const palettized *w, const float *bias, const float *x, const uint16_t *xb, int64_t B,
+                           int64_t K, int64_t N, float *y, int64_t y_stride, int accumulate) {
+    const int bits = w->bits;
+    const int64_t row_bytes = K / 8 * bits, size = (int64_t)1 << bits;
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float acc[MAX_ROWS];
+        const int64_t which = w->row_palette[n];
+        const uint8_t *row = w->planes + n * row_bytes;
+        int done = 0;
+#if defined(HAVE_DPBF16) && defined(__AVX512BW__)
+        if (w->bf16 && xb && bits <= 5) {
+            const __m512i lut = _mm512_maskz_loadu_epi16((__mmask32)(size >= 32 ? 0xFFFFFFFFu : (1u << size) - 1),
+                                                         (const uint16_t *)w->palette + which * size);
+            const palette_consts k = w->consts; /* in registers, not re-read through w */
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                const int rows = B - b0 < 4 ? (int)(B - b0) : 4;
+                __m512 a[4], a1[4]; /* even and odd blocks: two chains per row */
+                for (int r = 0; r < rows; r++) a[r] = a1[r] = _mm512_setzero_ps();
+                int64_t b = 0;
+                for (; b + 1 < K / 32; b += 2) {
+                    const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b, &k), lut);
+                    const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b + 1, &k), lut);
+                    for (int r = 0; r < rows; r++) {
+                        const uint16_t *xr = xb + (b0 + r) * K + 32 * b;
+                        a[r] = _mm512_dpbf16_ps(a[r], w0, (__m512bh)_mm512_loadu_si512((const void *)xr));
+                        a1[r] = _mm512_dpbf16_ps(a1[r], w1, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
+                    }
+                }
+                if (b < K / 32) {
+                    const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b, &k), lut);
+                    for (int r = 0; r < rows; r++)
+                        a[r] = _mm512_dpbf16_ps(a[r], w0, (__m512bh)_mm512_loadu_si512((const void *)(xb + (b0 + r) * K + 32 * b)));
+                }
+                for (int r = 0; r < rows; r++) acc[b0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], a1[r]));
+            }
+            done = 1;
+        }
+#endif
+        if (!done) {
+            float lut[256];
+            memset(lut, 0, 32 * sizeof(float));
+            for (int64_t j = 0; j < size; j++)
+                lut[j] = w->bf16 ? widen_bf16(((const uint16_t *)w->palette)[which * size + j])
+                                 : ((const float *)w->palette)[which * size + j];
+#ifdef __AVX512F__
+            const __m512 lo = _mm512_loadu_ps(lut), hi = _mm512_loadu_ps(lut + 16);
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                const int rows = B - b0 < 4 ? (int)(B - b0) : 4;
+                __m512 a[4][2];
+                for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+                const palette_consts k = w->consts;
+                for (int64_t b = 0; b < K / 32; b++) {
+                    const __m512 w0 = palette_lookup16(palette_indices16(row, b, 0, &k), bits, lo, hi, lut);
+                    const __m512 w1 = palette_lookup16(palette_indices16(row, b, 1, &k), bits, lo, hi, lut);
+                    for (int r = 0; r < rows; r++) {
+                        const float *xr = x + (b0 + r) * K + 32 * b;
+                        a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[r][0]);
+                        a[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a[r][1]);
+                    }
+                }
+                for (int r = 0; r < rows; r++) acc[b0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+            }
+#else
+            for (int64_t b = 0; b < B; b++) acc[b] = 0.f;
+            for (int64_t blk = 0; blk < K / 32; blk++) {
+                uint32_t words[8];
+                for (int p = 0; p < bits; p++) words[p] = plane_word(row, bits, blk, p);
+                for (int j = 0; j < 32; j++) {
+                    int v = 0;
+                    for (int p = 0; p < bits; p++) v |= (int)((words[p] >> j) & 1) << p;
+                    for (int64_t b = 0; b < B; b++) acc[b] += x[b * K + 32 * blk + j] * lut[v];
+                }
+            }
+#endif
+        }
+        const float add = bias ? bias[n] : 0.f;
+        for (int64_t b = 0; b < B; b++) {
+            if (accumulate) y[b * y_stride + n] += acc[b] + add;
+            else y[b * y_stride + n] = acc[b] + add;
+        }
+    }
+}
+
+/* The product of matrix m (0 q/k/v, 1 o, 2 gate/up, 3 down) of a layer: dense or palettized. */
+static inline void layer_matvec(const void *w, int w_bf16, const palettized *pal, const float *bias, const float *x,
+                                const uint16_t *xb, int64_t B, int64_t K, int64_t N, float *y, int64_t y_stride,
+                                int accumulate) {
+    if (pal) matvec_palette(pal, bias, x, xb, B, K, N, y, y_stride, accumulate);
+    else matvec(w, w_bf16, bias, x, xb, B, K, N, y, y_stride, accumulate);
+}
+
 /* out[b] = x[b] / rms(x[b]) * weight, and its bfloat16 copy. */
 static void rms_norm(const float *x, const float *weight, int64_t B, int64_t K, float eps, float *out, uint16_t *outb) {
     #pragma omp for schedule(static)
@@ -148,7 +262,8 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                  const void *const *w_gu, const float *const *b_gu, const void *const *w_down,
                  const float *const *b_down, const float *const *norm_in, const float *const *norm_post,
                  void *const *k_cache, void *const *v_cache, const int64_t *slots, const int64_t *tables,
-                 const int64_t *lens, const int64_t *windows, float *work) {
+                 const int64_t *lens, const int64_t *windows, const void *const *palettes,
+                 const int32_t *const *row_palettes, float *work) {
     const int64_t L = dims[L_], hidden = dims[HIDDEN], H = dims[HEADS], Hkv = dims[KV_HEADS], D = dims[HEAD_DIM];
     const int64_t inter = dims[INTER], BS = dims[BLOCK], width = dims[WIDTH], B = dims[ROWS];
     const int w_bf16 = (int)dims[W_BF16], c_bf16 = (int)dims[CACHE_BF16], threads = (int)dims[THREADS];
@@ -165,14 +280,33 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
 #ifndef HAVE_DPBF16
     xb = NULL;
 #endif
-    uint16_t *xbw = w_bf16 ? xb : NULL;
+    const int w_kind = (int)dims[W_KIND], pal_bits = (int)dims[PAL_BITS], pal_bf16 = (int)dims[PAL_BF16];
+    uint16_t *xbw = (w_kind == 0 ? w_bf16 : pal_bf16 && pal_bits <= 5) ? xb : NULL;
+    palettized *pals = NULL;
+    if (w_kind == 1) {
+        pals = aligned_alloc(64, sizeof(palettized) * L * 4); /* its index constants are 64-byte vectors */
+        const void *const *w[4] = {w_qkv, w_o, w_gu, w_down};
+        for (int64_t l = 0; l < L; l++)
+            for (int m = 0; m < 4; m++) {
+                palettized *p = pals + l * 4 + m;
+                p->planes = w[m][l];
+                p->palette = palettes[l * 4 + m];
+                p->row_palette = row_palettes[l * 4 + m];
+                p->bits = pal_bits;
+                p->bf16 = pal_bf16;
+#ifdef __AVX512F__
+                p->consts = palette_consts_for(pal_bits);
+#endif
+            }
+    }
+#define PAL(m) (pals ? pals + l * 4 + (m) : NULL)
 
     #pragma omp parallel num_threads(threads)
     {
         float *sc = scores + (int64_t)omp_get_thread_num() * (attend_scratch(H, D, max_keys) + 2);
         for (int64_t l = 0; l < L; l++) {
             rms_norm(x, norm_in[l], B, hidden, eps, xn, xbw);
-            matvec(w_qkv[l], w_bf16, b_qkv[l], xn, xbw, B, hidden, qkv_n, qkv, qkv_n, 0);
+            layer_matvec(w_qkv[l], w_bf16, PAL(0), b_qkv[l], xn, xbw, B, hidden, qkv_n, qkv, qkv_n, 0);
             /* RoPE on every q and k head; each k and v head goes to the cache at the token's slot. */
             #pragma omp for schedule(static)
             for (int64_t u = 0; u < B * (H + Hkv); u++) {
@@ -215,9 +349,9 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                 if (xbw)
                     for (int64_t d = 0; d < D; d++) xbw[b * q_dim + h * D + d] = round_bf16(oh[d]);
             }
-            matvec(w_o[l], w_bf16, b_o[l], attn, xbw, B, q_dim, hidden, x, hidden, 1);
+            layer_matvec(w_o[l], w_bf16, PAL(1), b_o[l], attn, xbw, B, q_dim, hidden, x, hidden, 1);
             rms_norm(x, norm_post[l], B, hidden, eps, xn, xbw);
-            matvec(w_gu[l], w_bf16, b_gu[l], xn, xbw, B, hidden, 2 * inter, gu, 2 * inter, 0);
+            layer_matvec(w_gu[l], w_bf16, PAL(2), b_gu[l], xn, xbw, B, hidden, 2 * inter, gu, 2 * inter, 0);
             #pragma omp for schedule(static)
             for (int64_t u = 0; u < B * inter; u++) {
                 const int64_t b = u / inter, i = u % inter;
@@ -225,7 +359,9 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                 xn[b * inter + i] = a;
                 if (xbw) xbw[b * inter + i] = round_bf16(a);
             }
-            matvec(w_down[l], w_bf16, b_down[l], xn, xbw, B, inter, hidden, x, hidden, 1);
+            layer_matvec(w_down[l], w_bf16, PAL(3), b_down[l], xn, xbw, B, inter, hidden, x, hidden, 1);
         }
     }
+#undef PAL
+    free(pals);
 }

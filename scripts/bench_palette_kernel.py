@@ -8,9 +8,8 @@ call against rows, the product versus tiles dequantized and multiplied (`cpu_pal
 SmolLM-135M shapes: where `cpu_palette_gemv.MAX_ROWS` comes from.
 """
 
-import time
-
 import torch
+from bench_quant_kernels import timed  # scripts/, beside this one
 
 from effllm.compress.rtn import QuantSpec, rtn
 from effllm.kernels import cpu_palette_gemv, cpu_quant_gemv
@@ -23,15 +22,6 @@ def palettized(k, n, bits, dtype):
     module = PalettizedLinear(k, n, False, bits, dtype=dtype)
     module.set_indices(torch.randint(0, 2**bits, (n, k)), torch.randn(1, 2**bits) * 0.02)
     return module
-
-
-def timed(fn, n=20):
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e6
 
 
 @torch.inference_mode()

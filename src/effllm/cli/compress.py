@@ -169,6 +169,22 @@ def register(subparsers) -> None:
     _register_prune(sub)
 
 
+def _report_args(parser, skipped: str) -> None:
+    """--dtype, --no-report (what it skips) and --json, as every compress command takes them."""
+    parser.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
+    )
+    parser.add_argument("--no-report", dest="report", action="store_false", help=f"skip {skipped}")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _new_folder(out: str) -> Path:
+    path = Path(out)
+    if path.exists():
+        raise InputError(f"{path} already exists; pass a new --out folder")
+    return path
+
+
 def _register_palettize(sub) -> None:
     pa = sub.add_parser(
         "palettize",
@@ -198,13 +214,7 @@ def _register_palettize(sub) -> None:
         help="comma-separated linear names (or re:PATTERN) left dense (default lm_head)",
     )
     pa.add_argument("--seed", type=int, default=0, help="k-means++ seed (default 0)")
-    pa.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
-    )
-    pa.add_argument(
-        "--no-report", dest="report", action="store_false", help="skip the perplexity and speed measurements"
-    )
-    pa.add_argument("--json", action="store_true", help="print the report as JSON")
+    _report_args(pa, "the perplexity and speed measurements")
     pa.set_defaults(func=run_palettize)
 
 
@@ -214,9 +224,7 @@ def run_palettize(args: argparse.Namespace) -> int:
     from effllm.models import load_model, load_tokenizer, save_model
     from effllm.models.default import default_model_path
 
-    out = Path(args.out)
-    if out.exists():
-        raise InputError(f"{out} already exists; pass a new --out folder")
+    out = _new_folder(args.out)
     if args.rows_per_palette is not None and args.rows_per_palette < 1:
         raise InputError(f"--rows-per-palette must be a positive number of rows, got {args.rows_per_palette}")
     path = args.model or str(default_model_path())
@@ -246,15 +254,7 @@ def run_palettize(args: argparse.Namespace) -> int:
         "format": "palettized",
         "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
     }
-    if args.report:
-        after = _measure(model, tokenizer)
-        report.update({f"{k}_before": v for k, v in before.items()})
-        report.update({f"{k}_after": v for k, v in after.items()})
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_report(report)
-    return 0
+    return _finish_report(args, report, model, tokenizer, before)
 
 
 def _register_prune(sub) -> None:
@@ -304,11 +304,7 @@ def _register_prune(sub) -> None:
     pr.add_argument("--num-samples", type=int, default=64, help="calibration samples (default 64)")
     pr.add_argument("--calibration-seq-len", type=int, default=256, help="tokens per sample (default 256)")
     pr.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening (default 0.01)")
-    pr.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's"
-    )
-    pr.add_argument("--no-report", dest="report", action="store_false", help="skip the perplexities")
-    pr.add_argument("--json", action="store_true", help="print the report as JSON")
+    _report_args(pr, "the perplexities")
     pr.set_defaults(func=run_prune)
 
 
@@ -318,9 +314,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from effllm.models import load_model, load_tokenizer, save_model
     from effllm.models.default import default_model_path
 
-    out = Path(args.out)
-    if out.exists():
-        raise InputError(f"{out} already exists; pass a new --out folder")
+    out = _new_folder(args.out)
     pattern = Pattern.parse(args.pattern)
     structured = args.method == "llm-pruner"
     path = args.model or str(default_model_path())
@@ -450,9 +444,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from effllm.models import load_model, load_tokenizer, save_model
     from effllm.models.default import default_model_path
 
-    out = Path(args.out)
-    if out.exists():
-        raise InputError(f"{out} already exists; pass a new --out folder")
+    out = _new_folder(args.out)
     config = make_config(args)
     config.check()
     if args.format == "gguf" and not (
@@ -499,6 +491,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))
         + sum(f.stat().st_size for f in out.glob("*.gguf")),
     }
+    return _finish_report(args, report, model, tokenizer, before)
+
+
+def _finish_report(args: argparse.Namespace, report: dict, model, tokenizer, before: dict) -> int:
+    """The compressed model's measurements (unless --no-report) beside `before`'s, printed or as JSON."""
     if args.report:
         after = _measure(model, tokenizer)
         report.update({f"{k}_before": v for k, v in before.items()})

@@ -150,32 +150,12 @@ static void matvec_palette(const palettized *w, const float *bias, const float *
         const int64_t which = w->row_palette[n];
         const uint8_t *row = w->planes + n * row_bytes;
         int done = 0;
-#if defined(HAVE_DPBF16) && defined(__AVX512BW__)
+#ifdef PALETTE_BF16
         if (w->bf16 && xb && bits <= 5) {
-            const __m512i lut = _mm512_maskz_loadu_epi16((__mmask32)(size >= 32 ? 0xFFFFFFFFu : (1u << size) - 1),
-                                                         (const uint16_t *)w->palette + which * size);
+            const __m512i lut = palette_register_bf16((const uint16_t *)w->palette + which * size, bits);
             const palette_consts k = w->consts; /* in registers, not re-read through w */
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                const int rows = B - b0 < 4 ? (int)(B - b0) : 4;
-                __m512 a[4], a1[4]; /* even and odd blocks: two chains per row */
-                for (int r = 0; r < rows; r++) a[r] = a1[r] = _mm512_setzero_ps();
-                int64_t b = 0;
-                for (; b + 1 < K / 32; b += 2) {
-                    const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b, &k), lut);
-                    const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b + 1, &k), lut);
-                    for (int r = 0; r < rows; r++) {
-                        const uint16_t *xr = xb + (b0 + r) * K + 32 * b;
-                        a[r] = _mm512_dpbf16_ps(a[r], w0, (__m512bh)_mm512_loadu_si512((const void *)xr));
-                        a1[r] = _mm512_dpbf16_ps(a1[r], w1, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
-                    }
-                }
-                if (b < K / 32) {
-                    const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b, &k), lut);
-                    for (int r = 0; r < rows; r++)
-                        a[r] = _mm512_dpbf16_ps(a[r], w0, (__m512bh)_mm512_loadu_si512((const void *)(xb + (b0 + r) * K + 32 * b)));
-                }
-                for (int r = 0; r < rows; r++) acc[b0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], a1[r]));
-            }
+            for (int64_t b0 = 0; b0 < B; b0 += 4)
+                palette_dot_bf16(row, K, &k, lut, xb + b0 * K, B - b0 < 4 ? (int)(B - b0) : 4, acc + b0);
             done = 1;
         }
 #endif
@@ -187,22 +167,9 @@ static void matvec_palette(const palettized *w, const float *bias, const float *
                                  : ((const float *)w->palette)[which * size + j];
 #ifdef __AVX512F__
             const __m512 lo = _mm512_loadu_ps(lut), hi = _mm512_loadu_ps(lut + 16);
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                const int rows = B - b0 < 4 ? (int)(B - b0) : 4;
-                __m512 a[4][2];
-                for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
-                const palette_consts k = w->consts;
-                for (int64_t b = 0; b < K / 32; b++) {
-                    const __m512 w0 = palette_lookup16(palette_indices16(row, b, 0, &k), bits, lo, hi, lut);
-                    const __m512 w1 = palette_lookup16(palette_indices16(row, b, 1, &k), bits, lo, hi, lut);
-                    for (int r = 0; r < rows; r++) {
-                        const float *xr = x + (b0 + r) * K + 32 * b;
-                        a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[r][0]);
-                        a[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a[r][1]);
-                    }
-                }
-                for (int r = 0; r < rows; r++) acc[b0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
-            }
+            const palette_consts k = w->consts;
+            for (int64_t b0 = 0; b0 < B; b0 += 4)
+                palette_dot_f32(row, K, &k, lo, hi, lut, x + b0 * K, B - b0 < 4 ? (int)(B - b0) : 4, acc + b0);
 #else
             for (int64_t b = 0; b < B; b++) acc[b] = 0.f;
             for (int64_t blk = 0; blk < K / 32; blk++) {

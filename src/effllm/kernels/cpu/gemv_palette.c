@@ -88,26 +88,16 @@ static void gemv_palette_avx512(const float *x, const uint8_t *planes, const voi
         const __m512 lo = _mm512_loadu_ps(lut), hi = _mm512_loadu_ps(lut + 16);
         const uint8_t *row = planes + n * row_bytes;
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int64_t mr = M - m0 < MR ? M - m0 : MR;
-            __m512 acc[MR], acc1[MR]; /* two chains per row */
-            for (int r = 0; r < MR; r++) acc[r] = acc1[r] = _mm512_setzero_ps();
-            for (int64_t b = 0; b < K / 32; b++) {
-                const __m512 w0 = palette_lookup16(palette_indices16(row, b, 0, &consts), bits, lo, hi, lut);
-                const __m512 w1 = palette_lookup16(palette_indices16(row, b, 1, &consts), bits, lo, hi, lut);
-                for (int r = 0; r < mr; r++) {
-                    const float *xr = x + (m0 + r) * K + 32 * b;
-                    acc[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r]);
-                    acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc1[r]);
-                }
-            }
-            for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc1[r]));
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            float s[MR];
+            palette_dot_f32(row, K, &consts, lo, hi, lut, x + m0 * K, mr, s);
+            for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = s[r];
         }
     }
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define PALETTE_BF16 1
+#ifdef PALETTE_BF16
 /* bfloat16 activations, a bfloat16 palette of up to 32 values: 32 weights per `vpermw`, one `vdpbf16ps`. */
 static void gemv_palette_bf16(const uint16_t *x, const uint8_t *planes, const uint16_t *palette,
                               const int32_t *row_palette, uint16_t *y, int64_t M, int64_t N, int64_t K, int bits,
@@ -116,29 +106,13 @@ static void gemv_palette_bf16(const uint16_t *x, const uint8_t *planes, const ui
     const palette_consts consts = palette_consts_for(bits);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const __m512i lut = _mm512_maskz_loadu_epi16((__mmask32)(size >= 32 ? 0xFFFFFFFFu : (1u << size) - 1),
-                                                     palette + which_palette(row_palette, n, R) * size);
+        const __m512i lut = palette_register_bf16(palette + which_palette(row_palette, n, R) * size, bits);
         const uint8_t *row = planes + n * row_bytes;
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int64_t mr = M - m0 < MR ? M - m0 : MR;
-            __m512 acc[MR], acc1[MR]; /* even and odd blocks: two chains per row */
-            for (int r = 0; r < MR; r++) acc[r] = acc1[r] = _mm512_setzero_ps();
-            int64_t b = 0;
-            for (; b + 1 < K / 32; b += 2) {
-                const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b, &consts), lut);
-                const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b + 1, &consts), lut);
-                for (int r = 0; r < mr; r++) {
-                    const uint16_t *xr = x + (m0 + r) * K + 32 * b;
-                    acc[r] = _mm512_dpbf16_ps(acc[r], w0, (__m512bh)_mm512_loadu_si512((const void *)xr));
-                    acc1[r] = _mm512_dpbf16_ps(acc1[r], w1, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
-                }
-            }
-            if (b < K / 32) {
-                const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b, &consts), lut);
-                for (int r = 0; r < mr; r++)
-                    acc[r] = _mm512_dpbf16_ps(acc[r], w0, (__m512bh)_mm512_loadu_si512((const void *)(x + (m0 + r) * K + 32 * b)));
-            }
-            for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = f32_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc1[r])));
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            float s[MR];
+            palette_dot_bf16(row, K, &consts, lut, x + m0 * K, mr, s);
+            for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = f32_to_bf16(s[r]);
         }
     }
 }

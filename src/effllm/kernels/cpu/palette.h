@@ -128,5 +128,55 @@ static inline __m512 palette_lookup16(__m512i idx, int bits, __m512 lo, __m512 h
     if (bits == 5) return _mm512_permutex2var_ps(lo, idx, hi);
     return _mm512_i32gather_ps(idx, lut, 4);
 }
+
+/* s[r] = x[r] . w for one palettized row w and up to 4 rows of float32 x (x + r * K): its float32 palette
+   in lut (lo, hi: its first 32 values), two accumulator chains per row. */
+static inline void palette_dot_f32(const uint8_t *row, int64_t K, const palette_consts *k, __m512 lo, __m512 hi,
+                                   const float *lut, const float *x, int rows, float *s) {
+    __m512 a[4][2];
+    for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++) {
+        const __m512 w0 = palette_lookup16(palette_indices16(row, b, 0, k), k->bits, lo, hi, lut);
+        const __m512 w1 = palette_lookup16(palette_indices16(row, b, 1, k), k->bits, lo, hi, lut);
+        for (int r = 0; r < rows; r++) {
+            a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + 32 * b), a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + 32 * b + 16), a[r][1]);
+        }
+    }
+    for (int r = 0; r < rows; r++) s[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define PALETTE_BF16 1
+/* The same with bfloat16 x and a bfloat16 palette of up to 32 values in lut: 32 weights per `vpermw`, one
+   `vdpbf16ps` (products of two bfloat16 are exact in float32); even and odd blocks on two chains. */
+static inline void palette_dot_bf16(const uint8_t *row, int64_t K, const palette_consts *k, __m512i lut,
+                                    const uint16_t *x, int rows, float *s) {
+    __m512 a[4], a1[4];
+    for (int r = 0; r < rows; r++) a[r] = a1[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < K / 32; b += 2) {
+        const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b, k), lut);
+        const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b + 1, k), lut);
+        for (int r = 0; r < rows; r++) {
+            const uint16_t *xr = x + r * K + 32 * b;
+            a[r] = _mm512_dpbf16_ps(a[r], w0, (__m512bh)_mm512_loadu_si512((const void *)xr));
+            a1[r] = _mm512_dpbf16_ps(a1[r], w1, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
+        }
+    }
+    if (b < K / 32) {
+        const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(palette_indices32(row, b, k), lut);
+        for (int r = 0; r < rows; r++)
+            a[r] = _mm512_dpbf16_ps(a[r], w0, (__m512bh)_mm512_loadu_si512((const void *)(x + r * K + 32 * b)));
+    }
+    for (int r = 0; r < rows; r++) s[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], a1[r]));
+}
+
+/* A bfloat16 palette of 2^bits <= 32 values as one register. */
+static inline __m512i palette_register_bf16(const uint16_t *palette, int bits) {
+    const int size = 1 << bits;
+    return _mm512_maskz_loadu_epi16((__mmask32)(size >= 32 ? 0xFFFFFFFFu : (1u << size) - 1), palette);
+}
+#endif
 #endif /* __AVX512F__ */
 #endif

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from effllm.compress import W4A16, W8A8, W8A16, quantize_
+from effllm.compress import W4A8, W4A16, W8A8, W8A16, quantize_
 from effllm.core.errors import CheckpointError, InputError
 from effllm.engine.config import EngineConfig
 from effllm.engine.llm_engine import LLMEngine
@@ -142,6 +142,14 @@ def test_analyze_reads_the_bit_widths_from_the_checkpoint(model):
     other = quant_model()
     quantize_(other, W8A8(), show_progress=False)
     assert checkpoint_bits(other.config) == (8.0, 8.0)
+    qoq = quant_model()
+    quantize_(qoq, W4A8(group_size=32, method="rtn", rotate=False, smooth_linear=False), show_progress=False)
+    assert checkpoint_bits(qoq.config) == (4.5, 8.0)
+    from effllm.compress.palettize import palettize_
+
+    palettized = quant_model()
+    palettize_(palettized, 3, show_progress=False)
+    assert checkpoint_bits(palettized.config) == (3.0, None)
 
 
 def test_resident_and_streamed_bytes_count_each_storage_once(model):

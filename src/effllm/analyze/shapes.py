@@ -134,12 +134,21 @@ def _hub_config(repo_id: str) -> Path:
 
 
 def checkpoint_bits(config: ModelConfig) -> tuple[float, float | None]:
-    """(weight bits, activation bits or None) that a quantized checkpoint's quantization_config states.
+    """(weight bits, activation bits or None) that a compressed checkpoint's config.json states
+    (compressed-tensors' quantization_config, QoQ's, or EffLLM's palettized section).
 
     Group scales count: 4-bit weights in groups of 32 with 16-bit scales are 4.5 bits per weight. A
     dense checkpoint gives (16, None); the layers a checkpoint leaves dense (its `ignore` list) are not
     weighed in, so the figure describes the quantized layers."""
+    section = (config.effllm or {}).get("compression") or {}
+    if section.get("format") == "palettized" and isinstance(section.get("bits"), int):
+        return float(
+            section["bits"]
+        ), None  # the palettes: 2^bits values per matrix or group of rows, not counted
     qc = config.quantization_config or {}
+    if qc.get("quant_method") == "effllm" and qc.get("format") == "qoq":
+        # 4-bit codes, an int8 step and a uint8 zero per group, a 16-bit step per channel (not counted)
+        return 4.0 + 16 / int(qc.get("group_size") or 128), 8.0
     groups = list((qc.get("config_groups") or {}).values())
     if qc.get("quant_method") != "compressed-tensors" or not groups:
         return 16.0, None

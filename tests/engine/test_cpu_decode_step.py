@@ -29,7 +29,7 @@ def prompts(n=6, vocab=128):
     ]
 
 
-def run(model, fused: int, dtype: str, calls: list | None = None):
+def run(model, fused: int, dtype: str, calls: list | None = None, vocab: int = 128):
     model = copy.deepcopy(model)  # the engine converts and fuses the model it is given
     llm = LLM(model, dtype=dtype, cpu_fused_decode=fused, max_num_seqs=8, enable_prefix_caching=False)
     step = llm.engine.runner.fused_decode
@@ -38,7 +38,7 @@ def run(model, fused: int, dtype: str, calls: list | None = None):
         inner = step.run
         step.run = lambda layout: calls.append(layout.num_tokens) or inner(layout)
     params = SamplingParams(temperature=0, max_tokens=10, logprobs=3)
-    return llm.generate(prompts(), params, use_tqdm=False)
+    return llm.generate(prompts(vocab=vocab), params, use_tqdm=False)
 
 
 def logprobs(outs):
@@ -188,6 +188,7 @@ def test_the_portable_builds_run_palettized_steps_alike(model, flags, dtype, mon
     if lib is None:
         pytest.skip("no C compiler")
     llm = LLM(palettized(model), dtype=dtype, enable_prefix_caching=False, max_num_seqs=4)
+    assert llm.engine.runner.fused_decode is not None
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=2)
     default = llm.generate(prompts(3), params, use_tqdm=False)
     monkeypatch.setattr(engine_step, "decode_step", functools.partial(kernel.decode_step, library=lib))
@@ -196,3 +197,47 @@ def test_the_portable_builds_run_palettized_steps_alike(model, flags, dtype, mon
     tolerance = 0.05 if dtype == "bfloat16" else 1e-4
     first = [lp[0] for lp in logprobs(portable)], [lp[0] for lp in logprobs(default)]
     torch.testing.assert_close(*first, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not kernel.decode_step_dpbf16(), reason="the 4-bit fused path needs AVX-512 BF16")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_w4a16_models_take_the_fused_step_with_the_same_log_probabilities(dtype, group_size):
+    from effllm.compress import W4A16, quantize_
+    from tests.compress.conftest import quant_model
+
+    model = quant_model()  # every linear's inputs a multiple of 64, as the 4-bit path needs
+    quantize_(model, W4A16(group_size=group_size), show_progress=False)
+    calls = []
+    fused, plain = run(model, 8, dtype, calls, vocab=96), run(model, 0, dtype, vocab=96)
+    assert calls and max(calls) > 1
+    if dtype == "float32":  # both paths round the 4-bit products' inputs to bfloat16, at the same points
+        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=1e-3, atol=1e-3)
+    else:
+        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
+        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
+        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(not kernel.decode_step_dpbf16(), reason="the 4-bit fused path needs AVX-512 BF16")
+def test_the_portable_build_runs_4_bit_steps_alike(monkeypatch):
+    """The 4-bit products' scalar loop (a CPU without AVX-512 compiles it) against the AVX-512 BF16 one."""
+    from effllm.compress import W4A16, quantize_
+    from effllm.engine import cpu_decode_step as engine_step
+    from tests.compress.conftest import quant_model
+
+    lib = kernel.load_library(("-mno-avx512f",))
+    if lib is None:
+        pytest.skip("no C compiler")
+    model = quant_model()
+    quantize_(model, W4A16(group_size=32), show_progress=False)
+    llm = LLM(model, dtype="float32", enable_prefix_caching=False, max_num_seqs=4)
+    assert llm.engine.runner.fused_decode is not None
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=2)
+    default = llm.generate(prompts(3, vocab=96), params, use_tqdm=False)
+    monkeypatch.setattr(engine_step, "decode_step", functools.partial(kernel.decode_step, library=lib))
+    portable = llm.generate(prompts(3, vocab=96), params, use_tqdm=False)
+    assert [o.token_ids[:2] for o in portable] == [o.token_ids[:2] for o in default]
+    first = [lp[0] for lp in logprobs(portable)], [lp[0] for lp in logprobs(default)]
+    torch.testing.assert_close(*first, rtol=0.02, atol=0.02)  # float32 activations against bfloat16 ones

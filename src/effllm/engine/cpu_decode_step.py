@@ -8,25 +8,71 @@ layer in one OpenMP region instead (the CPU counterpart of the CUDA graphs `cuda
 A step takes this path when the engine runs the CPU's paged attention backend (an explicitly chosen
 backend keeps its own attention), every request decodes one token, there are at most
 `--cpu-fused-decode` of them and the model still is what the kernel was set up for: float32 or bfloat16 dense linears,
-or palettized ones (`PalettizedLinear`, one bit width), with q/k/v and gate/up
+palettized ones (`PalettizedLinear`, one bit width) or symmetric 4-bit ones (`QuantizedLinear` W4A16, groups of
+32-128, on CPUs with AVX-512 BF16), with q/k/v and gate/up
 fused (`models/fused_projections`), a float32 or bfloat16 KV cache of the model's dtype, SiLU, no hooks
-on the projections. Anything else (quantized weights, an int8/int4 cache, prefill chunks, drafts,
+on the projections. Anything else (other quantized grids, an int8/int4 cache, prefill chunks, drafts,
 SkipDecode's partial depths) takes the model's PyTorch forward, which is also its reference in the tests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from effllm.engine.kv_cache import PagedKVCache
 from effllm.engine.step_layout import StepLayout
-from effllm.kernels.cpu_decode_step import MAX_ROWS, LayerPointers, decode_step, decode_step_available
+from effllm.kernels.cpu_decode_step import (
+    MAX_ROWS,
+    LayerPointers,
+    decode_step,
+    decode_step_available,
+    decode_step_dpbf16,
+)
 from effllm.models.decode_linear import DecodeLinear
 from effllm.models.fused_projections import current
 from effllm.models.palettized_linear import PalettizedLinear
+from effllm.models.quantized_linear import QuantizedLinear
 from effllm.models.transformer import CausalLM
 
 DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass
+class Extra:
+    """What a layer's compressed matrices add to their weights: the kind, per matrix a table (palette or
+    group scales) and row palettes, the bits or group size."""
+
+    kind: str
+    tables: tuple = ()
+    row_palettes: tuple = ()
+    bits: int = 0
+    group: int = 0
+
+
+def _palettes_fit(linears) -> bool:
+    """Palettized matrices the kernel takes: one bit width and palette dtype (float32 or bfloat16)."""
+    return (
+        len({m.bits for m in linears}) == 1
+        and len({m.palette.dtype for m in linears}) == 1
+        and linears[0].palette.dtype in DTYPES
+    )
+
+
+def _w4_fits(linears) -> bool:
+    """4-bit matrices the kernel takes: symmetric, 16-bit activations, one group of 32, 64 or 128 columns,
+    K a multiple of 64, float32 or bfloat16 scales; only where AVX-512 BF16 runs its dot products (the
+    per-module path's kernel is faster than the fused step's portable loop elsewhere)."""
+    return (
+        decode_step_dpbf16()
+        and all(m.bits == 4 and m.symmetric and m.activation_bits == 16 for m in linears)
+        and len({m.group_size for m in linears}) == 1
+        and linears[0].group_size in (32, 64, 128)
+        and all(m.in_features % 64 == 0 for m in linears)
+        and len({m.weight_scale.dtype for m in linears}) == 1
+        and linears[0].weight_scale.dtype in DTYPES
+    )
 
 
 class CPUDecodeStep:
@@ -56,9 +102,9 @@ class CPUDecodeStep:
         return step if step is not None and step._tensors() is not None else None
 
     def _tensors(self) -> list[tuple] | None:
-        """Per layer the tensors the kernel reads (weights, biases, norms; then, for palettized layers, the
-        four palette tables, row palettes and the bits), or None when a layer is neither plain fused dense
-        nor fused palettized."""
+        """Per layer the tensors the kernel reads (weights, biases, norms) and what else a compressed layer
+        needs (`Extra`), or None when a layer is none of plain fused dense, fused palettized, or fused
+        symmetric 4-bit."""
         out = []
         for layer in self.model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -69,27 +115,21 @@ class CPUDecodeStep:
                 return None
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if all(type(m) in (DecodeLinear, torch.nn.Linear) for m in linears):
-                out.append((tuple(t for m in linears for t in (m.weight, m.bias)) + norms, None))
-            elif all(isinstance(m, PalettizedLinear) for m in linears) and self._palettes_fit(linears):
-                palettes = tuple(m.palette for m in linears)
-                rows = tuple(m.palette_of_rows().to(torch.int32).contiguous() for m in linears)
+                out.append((tuple(t for m in linears for t in (m.weight, m.bias)) + norms, Extra("dense")))
+            elif all(isinstance(m, PalettizedLinear) for m in linears) and _palettes_fit(linears):
                 tensors = tuple(t for m in linears for t in (m.planes, m.bias)) + norms
-                out.append((tensors, (palettes, rows, linears[0].bits)))
+                rows = tuple(m.palette_of_rows().to(torch.int32).contiguous() for m in linears)
+                extra = Extra("palettized", tuple(m.palette for m in linears), rows, bits=linears[0].bits)
+                out.append((tensors, extra))
+            elif all(isinstance(m, QuantizedLinear) for m in linears) and _w4_fits(linears):
+                tensors = tuple(t for m in linears for t in (m.weight_packed, m.bias)) + norms
+                scales = tuple(m.weight_scale.contiguous() for m in linears)
+                out.append((tensors, Extra("w4", scales, group=linears[0].group_size)))
             else:
                 return None
-        kinds = {extra is None for _, extra in out}
-        if len(kinds) != 1:  # dense and palettized layers mixed: one step takes one kind
+        if len({(e.kind, e.bits, e.group) for _, e in out}) != 1:  # one step takes one kind of layer
             return None
         return out
-
-    @staticmethod
-    def _palettes_fit(linears) -> bool:
-        """Palettized matrices the kernel takes: one bit width and palette dtype (float32 or bfloat16)."""
-        return (
-            len({m.bits for m in linears}) == 1
-            and len({m.palette.dtype for m in linears}) == 1
-            and linears[0].palette.dtype in DTYPES
-        )
 
     def qualifies(self, layout: StepLayout) -> bool:
         return layout.all_decodes and layout.num_tokens <= self.max_rows
@@ -113,7 +153,8 @@ class CPUDecodeStep:
                 m["down_proj"],
             ):
                 w, b = mod._parameters.get("weight"), mod._parameters.get("bias")
-                w = mod._buffers.get("planes") if w is None else w  # palettized: its planes
+                if w is None:  # palettized or 4-bit: the planes or packed codes
+                    w = mod._buffers.get("planes", mod._buffers.get("weight_packed"))
                 out += (
                     id(mod),
                     0 if w is None else w.data_ptr(),
@@ -144,7 +185,7 @@ class CPUDecodeStep:
             ]
             for ts in tensors
         ]
-        extras = [extra for _, extra in layers if extra is not None]
+        extras = [e for _, e in layers]
         self._layers = LayerPointers(
             w_qkv=[ts[0] for ts in tensors],
             b_qkv=[ts[1] for ts in f32],
@@ -158,9 +199,11 @@ class CPUDecodeStep:
             norm_post=[ts[9] for ts in f32],
             k_cache=list(self.cache.k),
             v_cache=list(self.cache.v),
-            palettes=[p for palettes, _, _ in extras for p in palettes],
-            row_palettes=[r for _, rows, _ in extras for r in rows],
-            bits=extras[0][2] if extras else 0,
+            kind=extras[0].kind,
+            tables=[t for e in extras for t in e.tables],
+            row_palettes=[r for e in extras for r in e.row_palettes],
+            bits=extras[0].bits,
+            group=extras[0].group,
         )
         self._signature = signature
         return self._layers

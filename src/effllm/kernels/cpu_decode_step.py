@@ -17,6 +17,7 @@ import torch
 from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
 MAX_ROWS = 16  # the kernel's MAX_ROWS: most queries per call
+KINDS = ("dense", "palettized", "w4")  # the kernel's W_KIND
 _p, _pp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
 _ARGS = [_p, _p, _p, _p, _p] + [_pp] * 12 + [_p, _p, _p, _p, _pp, _pp, _p]
 
@@ -42,6 +43,12 @@ def decode_step_available() -> bool:
     return _library() is not None
 
 
+def decode_step_dpbf16() -> bool:
+    """Whether the compiled step has AVX-512 BF16 dot products (bfloat16 and 4-bit weights' fast paths)."""
+    lib = _library()
+    return lib is not None and bool(lib.decode_step_dpbf16())
+
+
 def _array(tensors: list[torch.Tensor | None]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
 
@@ -50,8 +57,10 @@ def _array(tensors: list[torch.Tensor | None]) -> ctypes.Array:
 class LayerPointers:
     """Per layer: fused q/k/v, o, fused gate/up and down weights [out, in] (float32 or bfloat16) with their
     float32 biases (or None), float32 norm weights, and the cache's k and v tensors. For palettized
-    weights the weights are the bit planes (uint8), and `palettes` / `row_palettes` hold, four per layer
-    (q/k/v, o, gate/up, down), each matrix's palette table and int32 palette index per row."""
+    weights the weights are the bit planes (uint8), and `tables` / `row_palettes` hold, four per layer
+    (q/k/v, o, gate/up, down), each matrix's palette table and int32 palette index per row (`kind`
+    "palettized", `bits`); for symmetric 4-bit weights (`kind` "w4") the weights are the packed codes and
+    `tables` the group scales [N, K / group] (`group`)."""
 
     w_qkv: list[torch.Tensor]
     b_qkv: list[torch.Tensor | None]
@@ -65,14 +74,16 @@ class LayerPointers:
     norm_post: list[torch.Tensor]
     k_cache: list[torch.Tensor]
     v_cache: list[torch.Tensor]
-    palettes: list[torch.Tensor] = field(default_factory=list)
+    kind: str = "dense"
+    tables: list[torch.Tensor] = field(default_factory=list)
     row_palettes: list[torch.Tensor] = field(default_factory=list)
     bits: int = 0
+    group: int = 0
 
     def __post_init__(self) -> None:
-        names = [f for f in self.__dataclass_fields__ if f not in ("palettes", "row_palettes", "bits")]
-        self.arrays = [_array(getattr(self, f)) for f in names]
-        self.palette_arrays = [_array(self.palettes), _array(self.row_palettes)]
+        extra = ("kind", "tables", "row_palettes", "bits", "group")
+        self.arrays = [_array(getattr(self, f)) for f in self.__dataclass_fields__ if f not in extra]
+        self.extra_arrays = [_array(self.tables), _array(self.row_palettes)]
 
 
 def decode_step(
@@ -103,7 +114,6 @@ def decode_step(
     kv_heads, head_dim, block = k0.shape[2], k0.shape[3], k0.shape[1]
     max_keys = int(lens.max())
     w_bf16 = layers.w_qkv[0].dtype == torch.bfloat16
-    palettized = bool(layers.palettes)
     dims = torch.tensor(
         [
             len(layers.w_qkv),
@@ -119,9 +129,10 @@ def decode_step(
             int(k0.dtype == torch.bfloat16),
             threads,
             max_keys,
-            int(palettized),
+            KINDS.index(layers.kind),
             layers.bits,
-            int(palettized and layers.palettes[0].dtype == torch.bfloat16),
+            int(bool(layers.tables) and layers.tables[0].dtype == torch.bfloat16),
+            layers.group,
         ],
         dtype=torch.int64,
     )
@@ -139,6 +150,6 @@ def decode_step(
         block_tables.data_ptr(),
         lens.data_ptr(),
         windows.data_ptr(),
-        *layers.palette_arrays,
+        *layers.extra_arrays,
         work.data_ptr(),
     )

@@ -16,13 +16,17 @@
 
    Palettized weights (W_KIND 1, `models/palettized_linear.py`) take the place of the dense ones: each
    matrix is its bit planes (where the weight pointer points), a float32 or bfloat16 palette table and
-   each row's palette index (`palettes`, `row_palettes`: four per layer, q/k/v, o, gate/up, down). Their
+   each row's palette index (`matrix_tables`, `row_palettes`: four per layer, q/k/v, o, gate/up, down). Their
    rows are looked up in registers as in gemv_palette.c (palette.h), with the bfloat16 copy of the input
-   for a bfloat16 palette of up to 32 values where `vdpbf16ps` exists, float32 otherwise. */
+   for a bfloat16 palette of up to 32 values where `vdpbf16ps` exists, float32 otherwise.
+   Symmetric 4-bit weights (W_KIND 2, compressed-tensors' pack-quantized bytes, groups of W4_GROUP <= 128
+   columns; `matrix_tables` holds the group scales) take gemv_w4's dot products (w4.h), the input laid out for
+   them once per product; without AVX-512 BF16 a scalar loop does the same sums. */
 #include <stdlib.h>
 
 #include "attention.h"
 #include "palette.h"
+#include "w4.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_DPBF16 1
 #endif
@@ -30,14 +34,15 @@
 #define MAX_ROWS 16
 
 enum { L_, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, BLOCK, WIDTH, ROWS, W_BF16, CACHE_BF16, THREADS, MAX_KEYS,
-       W_KIND, PAL_BITS, PAL_BF16, NDIMS };
+       W_KIND, PAL_BITS, TABLE_BF16, W4_GROUP, NDIMS };
+enum { DENSE, PALETTIZED, W4 }; /* W_KIND */
 
 int64_t decode_step_work(const int64_t *dims) {  /* floats of `work` decode_step needs */
     const int64_t B = dims[ROWS], hidden = dims[HIDDEN], H = dims[HEADS], Hkv = dims[KV_HEADS], D = dims[HEAD_DIM];
     const int64_t inter = dims[INTER], q_dim = H * D, qkv_n = q_dim + 2 * Hkv * D;
     const int64_t widest = hidden > q_dim ? (hidden > inter ? hidden : inter) : (q_dim > inter ? q_dim : inter);
     return B * (widest + qkv_n + q_dim + 2 * inter) + attention_work(B, H, D, dims[MAX_KEYS], dims[THREADS])
-           + (B * widest + 1) / 2 + 1;
+           + (B * widest + 1) / 2 + 1 + (dims[W_KIND] == W4 ? B * widest + 16 : 0);
 }
 
 int decode_step_dpbf16(void) {
@@ -191,11 +196,66 @@ static void matvec_palette(const palettized *w, const float *bias, const float *
     }
 }
 
-/* The product of matrix m (0 q/k/v, 1 o, 2 gate/up, 3 down) of a layer: dense or palettized. */
-static inline void layer_matvec(const void *w, int w_bf16, const palettized *pal, const float *bias, const float *x,
+/* matvec's contract for symmetric 4-bit weights w [N, K/2 bytes] with group scales [N, K / group]
+   (float32 or bfloat16); xw and xs are scratch for the input's layout and group sums. */
+static void matvec_w4(const uint8_t *w, const void *scale, int scale_bf16, int64_t group, const float *bias,
+                      const float *x, uint16_t *xw, float *xs, int64_t B, int64_t K, int64_t N, float *y,
+                      int64_t y_stride, int accumulate) {
+    const int64_t G = K / group;
+#ifdef W4_BF16DOT
+    const int64_t chunks = (K + 127) / 128;
+    #pragma omp for schedule(static)
+    for (int64_t u = 0; u < B * chunks; u++) w4_prepare_chunk(x, xw, xs, u / chunks, (u % chunks) * 128, K, group);
+    const w4_consts consts = w4_consts_for(K, group);
+#else
+    (void)xw, (void)xs;
+#endif
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float acc[MAX_ROWS];
+        const void *sn = scale_bf16 ? (const void *)((const uint16_t *)scale + n * G) : (const void *)((const float *)scale + n * G);
+        const uint8_t *wn = w + n * (K / 2);
+#ifdef W4_BF16DOT
+        for (int64_t b0 = 0; b0 < B; b0 += 4)
+            w4_dot_bf16(wn, sn, scale_bf16, NULL, xw + b0 * K, xs + b0 * G, B - b0 < 4 ? (int)(B - b0) : 4, &consts, acc + b0);
+#else
+        for (int64_t b = 0; b < B; b++) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float part = 0.f;
+                for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                    const int u = k & 1 ? wn[k / 2] >> 4 : wn[k / 2] & 0xF;
+                    part += (float)(u - 8) * x[b * K + k];
+                }
+                total += part * (scale_bf16 ? widen_bf16(((const uint16_t *)sn)[g]) : ((const float *)sn)[g]);
+            }
+            acc[b] = total;
+        }
+#endif
+        const float add = bias ? bias[n] : 0.f;
+        for (int64_t b = 0; b < B; b++) {
+            if (accumulate) y[b * y_stride + n] += acc[b] + add;
+            else y[b * y_stride + n] = acc[b] + add;
+        }
+    }
+}
+
+/* What a layer's matrix is beyond its weight pointer: palettized, 4-bit (its scales), or dense. */
+typedef struct {
+    const palettized *pal;
+    const void *scale;
+    int scale_bf16;
+    int64_t group;
+    uint16_t *xw;
+    float *xs;
+} matrix_extra;
+
+/* The product of matrix m (0 q/k/v, 1 o, 2 gate/up, 3 down) of a layer: dense, palettized or 4-bit. */
+static inline void layer_matvec(const void *w, int w_bf16, const matrix_extra *e, const float *bias, const float *x,
                                 const uint16_t *xb, int64_t B, int64_t K, int64_t N, float *y, int64_t y_stride,
                                 int accumulate) {
-    if (pal) matvec_palette(pal, bias, x, xb, B, K, N, y, y_stride, accumulate);
+    if (e->pal) matvec_palette(e->pal, bias, x, xb, B, K, N, y, y_stride, accumulate);
+    else if (e->scale) matvec_w4(w, e->scale, e->scale_bf16, e->group, bias, x, e->xw, e->xs, B, K, N, y, y_stride, accumulate);
     else matvec(w, w_bf16, bias, x, xb, B, K, N, y, y_stride, accumulate);
 }
 
@@ -229,7 +289,7 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                  const void *const *w_gu, const float *const *b_gu, const void *const *w_down,
                  const float *const *b_down, const float *const *norm_in, const float *const *norm_post,
                  void *const *k_cache, void *const *v_cache, const int64_t *slots, const int64_t *tables,
-                 const int64_t *lens, const int64_t *windows, const void *const *palettes,
+                 const int64_t *lens, const int64_t *windows, const void *const *matrix_tables,
                  const int32_t *const *row_palettes, float *work) {
     const int64_t L = dims[L_], hidden = dims[HIDDEN], H = dims[HEADS], Hkv = dims[KV_HEADS], D = dims[HEAD_DIM];
     const int64_t inter = dims[INTER], BS = dims[BLOCK], width = dims[WIDTH], B = dims[ROWS];
@@ -247,33 +307,40 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
 #ifndef HAVE_DPBF16
     xb = NULL;
 #endif
-    const int w_kind = (int)dims[W_KIND], pal_bits = (int)dims[PAL_BITS], pal_bf16 = (int)dims[PAL_BF16];
-    uint16_t *xbw = (w_kind == 0 ? w_bf16 : pal_bf16 && pal_bits <= 5) ? xb : NULL;
+    const int w_kind = (int)dims[W_KIND], pal_bits = (int)dims[PAL_BITS], table_bf16 = (int)dims[TABLE_BF16];
+    uint16_t *xbw = (w_kind == DENSE ? w_bf16 : w_kind == PALETTIZED && table_bf16 && pal_bits <= 5) ? xb : NULL;
     palettized *pals = NULL;
-    if (w_kind == 1) {
+    matrix_extra *extras = calloc((size_t)(L * 4), sizeof(matrix_extra));
+    if (w_kind == PALETTIZED) {
         pals = aligned_alloc(64, sizeof(palettized) * L * 4); /* its index constants are 64-byte vectors */
         const void *const *w[4] = {w_qkv, w_o, w_gu, w_down};
         for (int64_t l = 0; l < L; l++)
             for (int m = 0; m < 4; m++) {
                 palettized *p = pals + l * 4 + m;
                 p->planes = w[m][l];
-                p->palette = palettes[l * 4 + m];
+                p->palette = matrix_tables[l * 4 + m];
                 p->row_palette = row_palettes[l * 4 + m];
                 p->bits = pal_bits;
-                p->bf16 = pal_bf16;
+                p->bf16 = table_bf16;
 #ifdef __AVX512F__
                 p->consts = palette_consts_for(pal_bits);
 #endif
+                extras[l * 4 + m].pal = p;
             }
+    } else if (w_kind == W4) {
+        uint16_t *xw = (uint16_t *)(work + decode_step_work(dims) - (B * widest + 16));
+        float *xs = (float *)(xw + B * widest); /* B * widest bf16, then B * widest / 32 sums (group >= 32) */
+        for (int64_t i = 0; i < L * 4; i++)
+            extras[i] = (matrix_extra){NULL, matrix_tables[i], table_bf16, dims[W4_GROUP], xw, xs};
     }
-#define PAL(m) (pals ? pals + l * 4 + (m) : NULL)
+#define EXTRA(m) (extras + l * 4 + (m))
 
     #pragma omp parallel num_threads(threads)
     {
         float *sc = scores + (int64_t)omp_get_thread_num() * (attend_scratch(H, D, max_keys) + 2);
         for (int64_t l = 0; l < L; l++) {
             rms_norm(x, norm_in[l], B, hidden, eps, xn, xbw);
-            layer_matvec(w_qkv[l], w_bf16, PAL(0), b_qkv[l], xn, xbw, B, hidden, qkv_n, qkv, qkv_n, 0);
+            layer_matvec(w_qkv[l], w_bf16, EXTRA(0), b_qkv[l], xn, xbw, B, hidden, qkv_n, qkv, qkv_n, 0);
             /* RoPE on every q and k head; each k and v head goes to the cache at the token's slot. */
             #pragma omp for schedule(static)
             for (int64_t u = 0; u < B * (H + Hkv); u++) {
@@ -316,9 +383,9 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                 if (xbw)
                     for (int64_t d = 0; d < D; d++) xbw[b * q_dim + h * D + d] = round_bf16(oh[d]);
             }
-            layer_matvec(w_o[l], w_bf16, PAL(1), b_o[l], attn, xbw, B, q_dim, hidden, x, hidden, 1);
+            layer_matvec(w_o[l], w_bf16, EXTRA(1), b_o[l], attn, xbw, B, q_dim, hidden, x, hidden, 1);
             rms_norm(x, norm_post[l], B, hidden, eps, xn, xbw);
-            layer_matvec(w_gu[l], w_bf16, PAL(2), b_gu[l], xn, xbw, B, hidden, 2 * inter, gu, 2 * inter, 0);
+            layer_matvec(w_gu[l], w_bf16, EXTRA(2), b_gu[l], xn, xbw, B, hidden, 2 * inter, gu, 2 * inter, 0);
             #pragma omp for schedule(static)
             for (int64_t u = 0; u < B * inter; u++) {
                 const int64_t b = u / inter, i = u % inter;
@@ -326,9 +393,10 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                 xn[b * inter + i] = a;
                 if (xbw) xbw[b * inter + i] = round_bf16(a);
             }
-            layer_matvec(w_down[l], w_bf16, PAL(3), b_down[l], xn, xbw, B, inter, hidden, x, hidden, 1);
+            layer_matvec(w_down[l], w_bf16, EXTRA(3), b_down[l], xn, xbw, B, inter, hidden, x, hidden, 1);
         }
     }
-#undef PAL
+#undef EXTRA
     free(pals);
+    free(extras);
 }

@@ -33,6 +33,8 @@
 #include <immintrin.h>
 #endif
 
+#include "w4.h"
+
 /* x [M, K] -> xs [M, K] with each 32 columns reordered as the 16 even ones, then the 16 odd ones. */
 static void split_even_odd(const float *x, float *xs, int64_t M, int64_t K) {
     for (int64_t m = 0; m < M; m++)
@@ -54,125 +56,26 @@ static inline float load_scale(const void *s, int bf16, int64_t i) {
     return f;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-/* 4-bit weights with AVX-512 BF16 dot products. A bfloat16 with bits 0x4300 | u is exactly 128 + u, so
-   OR-ing a nibble into 0x4300 dequantizes it to 128 + u for free; `vdpbf16ps` multiplies 32 pairs by
-   bfloat16 activations; sum_k (128 + z) x_k per group is taken back once per row. The activations are
-   rounded to bfloat16 (W4A16 computes with 16-bit activations).
-
-   Each 128 columns are one 64-byte load: its 16-bit lane j holds the four codes of columns 4j .. 4j + 3,
-   pulled out by shifts and masks, so xb holds the chunk's activations as columns 4j, then 4j + 1, 4j + 2
-   and 4j + 3 (32 each). A last chunk of 64 columns (K = 64 mod 128) is read as 32 bytes widened to 16-bit
-   lanes, low nibbles (even columns) then high ones (odd columns). xsum holds each group's sum of the
-   rounded activations. */
-static inline uint16_t bf16_bits(float v) {
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even */
-    return (uint16_t)(bits >> 16);
-}
-
-/* Up to 4 scales of one row from index i, as float32 in the low lanes of a vector. */
-static inline __m128 load_scales4(const void *s, int bf16, int64_t i, int count) {
-    const __mmask8 mask = (__mmask8)((1u << count) - 1);
-    if (!bf16) return _mm_maskz_loadu_ps(mask, (const float *)s + i);
-    const __m128i h = _mm_maskz_loadu_epi16(mask, (const uint16_t *)s + i);
-    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
-}
-
+#ifdef W4_BF16DOT
+/* 4-bit weights with AVX-512 BF16 dot products (w4.h: the layout and the dot product). */
 static void gemv_w4_bf16dot(const float *x, const uint8_t *w, const void *scale, int scale_bf16,
                             const uint8_t *zero, float *y, int64_t M, int64_t N, int64_t K, int64_t group_size,
                             int threads) {
-    const int64_t G = K / group_size, full = K / 128 * 128;
+    const int64_t G = K / group_size;
     uint16_t *xb = malloc(sizeof(uint16_t) * M * K);
-    float *xsum = calloc(M * G, sizeof(float));
-    for (int64_t m = 0; m < M; m++) {
-        const float *xm = x + m * K;
-        uint16_t *bm = xb + m * K;
-        for (int64_t c = 0; c < full; c += 128)
-            for (int j = 0; j < 32; j++)
-                for (int q = 0; q < 4; q++) bm[c + 32 * q + j] = bf16_bits(xm[c + 4 * j + q]);
-        for (int64_t c = full; c < K; c += 64)
-            for (int j = 0; j < 32; j++) {
-                bm[c + j] = bf16_bits(xm[c + 2 * j]);
-                bm[c + 32 + j] = bf16_bits(xm[c + 2 * j + 1]);
-            }
-        for (int64_t k = 0; k < K; k++) {
-            const uint32_t wide = (uint32_t)bf16_bits(xm[k]) << 16;
-            float r;
-            memcpy(&r, &wide, sizeof r);
-            xsum[m * G + k / group_size] += r;
-        }
-    }
-    int shift = 0;
-    while ((1 << shift) < group_size) shift++;
-    const int per_chunk = 128 >> shift ? 128 >> shift : 1; /* groups in a 128-column chunk */
-    int idx[16];
-    for (int i = 0; i < 16; i++) idx[i] = (8 * i) >> shift;
-    const __m512i lane_group = _mm512_loadu_si512((const void *)idx);
+    float *xsum = malloc(sizeof(float) * M * G);
+    w4_prepare(x, xb, xsum, M, K, group_size);
+    const w4_consts consts = w4_consts_for(K, group_size);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wn = w + n * (K / 2);
         const uint8_t *zn = zero ? zero + n * G : NULL;
-        const __m512i low4 = _mm512_set1_epi16(0xF), magic = _mm512_set1_epi16(0x4300);
+        const void *sn = scale_bf16 ? (const void *)((const uint16_t *)scale + n * G) : (const void *)((const float *)scale + n * G);
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int64_t mr = M - m0 < MR ? M - m0 : MR;
-            __m512 acc[MR];
-            for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < full; c += 128) {
-                const __m128 s4 = load_scales4(scale, scale_bf16, n * G + (c >> shift), per_chunk);
-                const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
-                const __m512i v = _mm512_loadu_si512((const void *)(wn + c / 2));
-                const __m512bh q0 = (__m512bh)_mm512_or_si512(_mm512_and_si512(v, low4), magic);
-                const __m512bh q1 = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), magic);
-                const __m512bh q2 = (__m512bh)_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 8), low4), magic);
-                const __m512bh q3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), magic);
-                for (int r = 0; r < mr; r++) {
-                    const uint16_t *xr = xb + (m0 + r) * K + c;
-                    __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(xr));
-                    __m512 u = _mm512_dpbf16_ps(_mm512_setzero_ps(), q1, (__m512bh)_mm512_loadu_si512(xr + 32));
-                    t = _mm512_dpbf16_ps(t, q2, (__m512bh)_mm512_loadu_si512(xr + 64));
-                    u = _mm512_dpbf16_ps(u, q3, (__m512bh)_mm512_loadu_si512(xr + 96));
-                    acc[r] = _mm512_fmadd_ps(_mm512_add_ps(t, u), s, acc[r]);
-                }
-            }
-            for (int64_t c = full; c < K; c += 64) { /* the last 64 columns: lanes 0-7 and 8-15 by group */
-                const int64_t g0 = c >> shift, g1 = (c + 32) >> shift;
-                const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(load_scale(scale, scale_bf16, n * G + g0)), 0xFF00,
-                                                    _mm512_set1_ps(load_scale(scale, scale_bf16, n * G + g1)));
-                const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wn + c / 2)));
-                const __m512bh lo = (__m512bh)_mm512_or_si512(_mm512_and_si512(v, low4), magic);
-                const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
-                for (int r = 0; r < mr; r++) {
-                    const uint16_t *xr = xb + (m0 + r) * K + c;
-                    __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, (__m512bh)_mm512_loadu_si512(xr));
-                    t = _mm512_dpbf16_ps(t, hi, (__m512bh)_mm512_loadu_si512(xr + 32));
-                    acc[r] = _mm512_fmadd_ps(t, s, acc[r]);
-                }
-            }
-            for (int r = 0; r < mr; r++) { /* take back sum_g s_g (128 + z_g) sum_{k in g} x_k */
-                const float *xs = xsum + (m0 + r) * G;
-                __m512 cs = _mm512_setzero_ps();
-                for (int64_t g = 0; g < G; g += 16) {
-                    const int count = G - g < 16 ? (int)(G - g) : 16;
-                    const __mmask16 mask = (__mmask16)((1u << count) - 1);
-                    __m512 sv;
-                    if (scale_bf16) {
-                        const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)scale + n * G + g);
-                        sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                    } else {
-                        sv = _mm512_maskz_loadu_ps(mask, (const float *)scale + n * G + g);
-                    }
-                    if (zn) {
-                        const __m128i z8 = _mm_maskz_loadu_epi8(mask, zn + g);
-                        sv = _mm512_mul_ps(sv, _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z8)), _mm512_set1_ps(128.f)));
-                    } else {
-                        sv = _mm512_mul_ps(sv, _mm512_set1_ps(136.f));
-                    }
-                    cs = _mm512_fmadd_ps(sv, _mm512_maskz_loadu_ps(mask, xs + g), cs);
-                }
-                y[(m0 + r) * N + n] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], cs));
-            }
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            float s[MR];
+            w4_dot_bf16(wn, sn, scale_bf16, zn, xb + m0 * K, xsum + m0 * G, mr, &consts, s);
+            for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = s[r];
         }
     }
     free(xb);
@@ -182,7 +85,7 @@ static void gemv_w4_bf16dot(const float *x, const uint8_t *w, const void *scale,
 
 static void gemv_w4_f32(const float *x, const uint8_t *w, const void *scale, int scale_bf16, const uint8_t *zero, float *y,
              int64_t M, int64_t N, int64_t K, int64_t group_size, int threads) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef W4_BF16DOT
     if (K % 64 == 0) {
         gemv_w4_bf16dot(x, w, scale, scale_bf16, zero, y, M, N, K, group_size, threads);
         return;

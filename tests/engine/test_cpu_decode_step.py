@@ -221,9 +221,10 @@ def test_w4a16_models_take_the_fused_step_with_the_same_log_probabilities(dtype,
 
 
 @pytest.mark.skipif(not kernel.decode_step_dpbf16(), reason="the 4-bit fused path needs AVX-512 BF16")
-def test_the_portable_build_runs_4_bit_steps_alike(monkeypatch):
-    """The 4-bit products' scalar loop (a CPU without AVX-512 compiles it) against the AVX-512 BF16 one."""
-    from effllm.compress import W4A16, quantize_
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w8a8"])
+def test_the_portable_build_runs_quantized_steps_alike(scheme, monkeypatch):
+    """The quantized products' portable loops (a CPU without AVX-512 compiles them) against the AVX-512 ones."""
+    from effllm.compress import W4A16, W8A8, W8A16, quantize_
     from effllm.engine import cpu_decode_step as engine_step
     from tests.compress.conftest import quant_model
 
@@ -231,7 +232,8 @@ def test_the_portable_build_runs_4_bit_steps_alike(monkeypatch):
     if lib is None:
         pytest.skip("no C compiler")
     model = quant_model()
-    quantize_(model, W4A16(group_size=32), show_progress=False)
+    config = {"w4a16": W4A16(group_size=32), "w8a16": W8A16(), "w8a8": W8A8()}[scheme]
+    quantize_(model, config, show_progress=False)
     llm = LLM(model, dtype="float32", enable_prefix_caching=False, max_num_seqs=4)
     assert llm.engine.runner.fused_decode is not None
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=2)
@@ -241,3 +243,23 @@ def test_the_portable_build_runs_4_bit_steps_alike(monkeypatch):
     assert [o.token_ids[:2] for o in portable] == [o.token_ids[:2] for o in default]
     first = [lp[0] for lp in logprobs(portable)], [lp[0] for lp in logprobs(default)]
     torch.testing.assert_close(*first, rtol=0.02, atol=0.02)  # float32 activations against bfloat16 ones
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_8_bit_models_take_the_fused_step_with_the_same_log_probabilities(scheme, dtype):
+    from effllm.compress import W8A8, W8A16, quantize_
+    from tests.compress.conftest import quant_model
+
+    model = quant_model()
+    quantize_(model, W8A16() if scheme == "w8a16" else W8A8(), show_progress=False)
+    calls = []
+    fused, plain = run(model, 8, dtype, calls, vocab=96), run(model, 0, dtype, vocab=96)
+    assert calls and max(calls) > 1
+    if dtype == "float32":  # the same products (W8A8: the same per-row activation codes) in both paths
+        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=1e-3, atol=1e-3)
+    else:
+        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
+        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
+        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)

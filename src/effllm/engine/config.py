@@ -112,8 +112,8 @@ class EngineConfig:
     cpu_fused_decode: int = option(
         16,
         "on CPU, run decode-only steps of at most this many requests through one fused C call per step "
-        "(every layer in one OpenMP region; dense float32/bfloat16, palettized or symmetric W4A16 models with a "
-        "float32/bfloat16 cache of the model's dtype); 0: off",
+        "(every layer in one OpenMP region; dense float32/bfloat16, palettized, symmetric W4A16, W8A16 or W8A8 "
+        "models with a float32/bfloat16 cache of the model's dtype); 0: off",
     )
     cpu_prepack: bool = option(
         True,

@@ -8,8 +8,8 @@ layer in one OpenMP region instead (the CPU counterpart of the CUDA graphs `cuda
 A step takes this path when the engine runs the CPU's paged attention backend (an explicitly chosen
 backend keeps its own attention), every request decodes one token, there are at most
 `--cpu-fused-decode` of them and the model still is what the kernel was set up for: float32 or bfloat16 dense linears,
-palettized ones (`PalettizedLinear`, one bit width) or symmetric 4-bit ones (`QuantizedLinear` W4A16, groups of
-32-128, on CPUs with AVX-512 BF16), with q/k/v and gate/up
+palettized ones (`PalettizedLinear`, one bit width), symmetric 4-bit ones (`QuantizedLinear` W4A16, groups of
+32-128, on CPUs with AVX-512 BF16) or 8-bit ones per channel (W8A16, W8A8), with q/k/v and gate/up
 fused (`models/fused_projections`), a float32 or bfloat16 KV cache of the model's dtype, SiLU, no hooks
 on the projections. Anything else (other quantized grids, an int8/int4 cache, prefill chunks, drafts,
 SkipDecode's partial depths) takes the model's PyTorch forward, which is also its reference in the tests.
@@ -75,6 +75,17 @@ def _w4_fits(linears) -> bool:
     )
 
 
+def _w8_fits(linears) -> bool:
+    """8-bit matrices the kernel takes: per channel, symmetric, all W8A16 or all W8A8, float32 or bfloat16
+    scales."""
+    return (
+        all(m.bits == 8 and m.symmetric and m.group_size is None for m in linears)
+        and len({m.activation_bits for m in linears}) == 1
+        and len({m.weight_scale.dtype for m in linears}) == 1
+        and linears[0].weight_scale.dtype in DTYPES
+    )
+
+
 class CPUDecodeStep:
     def __init__(self, model: CausalLM, cache: PagedKVCache, max_rows: int = MAX_ROWS):
         self.model, self.cache, self.max_rows = model, cache, min(max_rows, MAX_ROWS)
@@ -103,8 +114,8 @@ class CPUDecodeStep:
 
     def _tensors(self) -> list[tuple] | None:
         """Per layer the tensors the kernel reads (weights, biases, norms) and what else a compressed layer
-        needs (`Extra`), or None when a layer is none of plain fused dense, fused palettized, or fused
-        symmetric 4-bit."""
+        needs (`Extra`), or None when a layer is none of plain fused dense, fused palettized, fused
+        symmetric 4-bit or fused 8-bit per channel."""
         out = []
         for layer in self.model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -125,6 +136,13 @@ class CPUDecodeStep:
                 tensors = tuple(t for m in linears for t in (m.weight_packed, m.bias)) + norms
                 scales = tuple(m.weight_scale.contiguous() for m in linears)
                 out.append((tensors, Extra("w4", scales, group=linears[0].group_size)))
+            elif all(isinstance(m, QuantizedLinear) for m in linears) and _w8_fits(linears):
+                int8 = linears[0].activation_bits == 8
+                codes = tuple(m.weight if int8 else m.weight_packed for m in linears)
+                tensors = tuple(t for m, c in zip(linears, codes, strict=True) for t in (c, m.bias)) + norms
+                scales = tuple(m.weight_scale.contiguous() for m in linears)
+                sums = tuple(c.sum(1, dtype=torch.int32).contiguous() for c in codes) if int8 else ()
+                out.append((tensors, Extra("w8a8" if int8 else "w8", scales, sums)))
             else:
                 return None
         if len({(e.kind, e.bits, e.group) for _, e in out}) != 1:  # one step takes one kind of layer
@@ -153,8 +171,9 @@ class CPUDecodeStep:
                 m["down_proj"],
             ):
                 w, b = mod._parameters.get("weight"), mod._parameters.get("bias")
-                if w is None:  # palettized or 4-bit: the planes or packed codes
-                    w = mod._buffers.get("planes", mod._buffers.get("weight_packed"))
+                if w is None:  # palettized or quantized: the planes or the codes
+                    buffers = mod._buffers
+                    w = buffers.get("planes", buffers.get("weight_packed", buffers.get("weight")))
                 out += (
                     id(mod),
                     0 if w is None else w.data_ptr(),

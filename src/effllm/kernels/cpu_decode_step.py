@@ -17,7 +17,7 @@ import torch
 from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
 MAX_ROWS = 16  # the kernel's MAX_ROWS: most queries per call
-KINDS = ("dense", "palettized", "w4")  # the kernel's W_KIND
+KINDS = ("dense", "palettized", "w4", "w8", "w8a8")  # the kernel's W_KIND
 _p, _pp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
 _ARGS = [_p, _p, _p, _p, _p] + [_pp] * 12 + [_p, _p, _p, _p, _pp, _pp, _p]
 
@@ -60,7 +60,9 @@ class LayerPointers:
     weights the weights are the bit planes (uint8), and `tables` / `row_palettes` hold, four per layer
     (q/k/v, o, gate/up, down), each matrix's palette table and int32 palette index per row (`kind`
     "palettized", `bits`); for symmetric 4-bit weights (`kind` "w4") the weights are the packed codes and
-    `tables` the group scales [N, K / group] (`group`)."""
+    `tables` the group scales [N, K / group] (`group`); for 8-bit weights per channel (`kind` "w8": the
+    packed unsigned codes; "w8a8": int8 codes with `row_palettes` holding each row's int32 code sum) `tables`
+    the per-row scales."""
 
     w_qkv: list[torch.Tensor]
     b_qkv: list[torch.Tensor | None]

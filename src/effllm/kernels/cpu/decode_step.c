@@ -21,12 +21,16 @@
    for a bfloat16 palette of up to 32 values where `vdpbf16ps` exists, float32 otherwise.
    Symmetric 4-bit weights (W_KIND 2, compressed-tensors' pack-quantized bytes, groups of W4_GROUP <= 128
    columns; `matrix_tables` holds the group scales) take gemv_w4's dot products (w4.h), the input laid out for
-   them once per product; without AVX-512 BF16 a scalar loop does the same sums. */
+   them once per product; without AVX-512 BF16 a scalar loop does the same sums. 8-bit weights per channel
+   (W_KIND 3, W8A16: the unsigned codes; W_KIND 4, W8A8: int8 codes, `row_palettes` holding each row's code
+   sum, the input quantized per row once per product) take gemv_w8's and gemv_w8a8's (w8.h); the per-row
+   scales are `matrix_tables`. */
 #include <stdlib.h>
 
 #include "attention.h"
 #include "palette.h"
 #include "w4.h"
+#include "w8.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_DPBF16 1
 #endif
@@ -35,14 +39,14 @@
 
 enum { L_, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, BLOCK, WIDTH, ROWS, W_BF16, CACHE_BF16, THREADS, MAX_KEYS,
        W_KIND, PAL_BITS, TABLE_BF16, W4_GROUP, NDIMS };
-enum { DENSE, PALETTIZED, W4 }; /* W_KIND */
+enum { DENSE, PALETTIZED, W4, W8, W8A8 }; /* W_KIND */
 
 int64_t decode_step_work(const int64_t *dims) {  /* floats of `work` decode_step needs */
     const int64_t B = dims[ROWS], hidden = dims[HIDDEN], H = dims[HEADS], Hkv = dims[KV_HEADS], D = dims[HEAD_DIM];
     const int64_t inter = dims[INTER], q_dim = H * D, qkv_n = q_dim + 2 * Hkv * D;
     const int64_t widest = hidden > q_dim ? (hidden > inter ? hidden : inter) : (q_dim > inter ? q_dim : inter);
     return B * (widest + qkv_n + q_dim + 2 * inter) + attention_work(B, H, D, dims[MAX_KEYS], dims[THREADS])
-           + (B * widest + 1) / 2 + 1 + (dims[W_KIND] == W4 ? B * widest + 16 : 0);
+           + (B * widest + 1) / 2 + 1 + (dims[W_KIND] >= W4 ? B * widest + 16 : 0);
 }
 
 int decode_step_dpbf16(void) {
@@ -240,22 +244,58 @@ static void matvec_w4(const uint8_t *w, const void *scale, int scale_bf16, int64
     }
 }
 
-/* What a layer's matrix is beyond its weight pointer: palettized, 4-bit (its scales), or dense. */
+/* matvec's contract for 8-bit weights per channel with per-row scales: W8A16 (rowsum NULL; unsigned codes
+   u = q + 128) or W8A8 (int8 codes, rowsum[n] = sum_k q[n, k]; the input quantized per row into xq, sx). */
+static void matvec_w8(const uint8_t *w, const void *scale, int scale_bf16, const int32_t *rowsum, const float *bias,
+                      const float *x, uint8_t *xq, float *sx, int64_t B, int64_t K, int64_t N, float *y,
+                      int64_t y_stride, int accumulate) {
+    if (rowsum) {
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) w8_quantize_row(x, xq, sx, b, K);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float acc[MAX_ROWS];
+        const float sn = scale_bf16 ? widen_bf16(((const uint16_t *)scale)[n]) : ((const float *)scale)[n];
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+            const int rows = B - b0 < 4 ? (int)(B - b0) : 4;
+            if (rowsum) {
+                int32_t t[4];
+                w8a8_dot((const int8_t *)w + n * K, xq + b0 * K, K, rows, t);
+                for (int r = 0; r < rows; r++) acc[b0 + r] = (float)(t[r] - 128 * rowsum[n]) * sx[b0 + r] * sn;
+            } else {
+                w8_dot_f32(w + n * K, x + b0 * K, K, rows, acc + b0);
+                for (int r = 0; r < rows; r++) acc[b0 + r] *= sn;
+            }
+        }
+        const float add = bias ? bias[n] : 0.f;
+        for (int64_t b = 0; b < B; b++) {
+            if (accumulate) y[b * y_stride + n] += acc[b] + add;
+            else y[b * y_stride + n] = acc[b] + add;
+        }
+    }
+}
+
+/* What a layer's matrix is beyond its weight pointer: palettized, 4-bit or 8-bit (its scales), or dense. */
 typedef struct {
     const palettized *pal;
+    int kind;
     const void *scale;
     int scale_bf16;
     int64_t group;
-    uint16_t *xw;
-    float *xs;
+    const int32_t *rowsum;
+    uint16_t *xw; /* scratch for the input's layout (4-bit) or codes (W8A8) */
+    float *xs;    /* and its group sums (4-bit) or steps (W8A8) */
 } matrix_extra;
 
 /* The product of matrix m (0 q/k/v, 1 o, 2 gate/up, 3 down) of a layer: dense, palettized or 4-bit. */
 static inline void layer_matvec(const void *w, int w_bf16, const matrix_extra *e, const float *bias, const float *x,
                                 const uint16_t *xb, int64_t B, int64_t K, int64_t N, float *y, int64_t y_stride,
                                 int accumulate) {
-    if (e->pal) matvec_palette(e->pal, bias, x, xb, B, K, N, y, y_stride, accumulate);
-    else if (e->scale) matvec_w4(w, e->scale, e->scale_bf16, e->group, bias, x, e->xw, e->xs, B, K, N, y, y_stride, accumulate);
+    if (e->kind == PALETTIZED) matvec_palette(e->pal, bias, x, xb, B, K, N, y, y_stride, accumulate);
+    else if (e->kind == W4) matvec_w4(w, e->scale, e->scale_bf16, e->group, bias, x, e->xw, e->xs, B, K, N, y, y_stride, accumulate);
+    else if (e->kind == W8 || e->kind == W8A8)
+        matvec_w8(w, e->scale, e->scale_bf16, e->rowsum, bias, x, (uint8_t *)e->xw, e->xs, B, K, N, y, y_stride, accumulate);
     else matvec(w, w_bf16, bias, x, xb, B, K, N, y, y_stride, accumulate);
 }
 
@@ -326,12 +366,15 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                 p->consts = palette_consts_for(pal_bits);
 #endif
                 extras[l * 4 + m].pal = p;
+                extras[l * 4 + m].kind = PALETTIZED;
             }
-    } else if (w_kind == W4) {
+    } else if (w_kind >= W4) {
+        /* scratch: B * widest bf16 (or bytes), then up to B * widest / 32 floats (group sums or steps) */
         uint16_t *xw = (uint16_t *)(work + decode_step_work(dims) - (B * widest + 16));
-        float *xs = (float *)(xw + B * widest); /* B * widest bf16, then B * widest / 32 sums (group >= 32) */
+        float *xs = (float *)(xw + B * widest);
         for (int64_t i = 0; i < L * 4; i++)
-            extras[i] = (matrix_extra){NULL, matrix_tables[i], table_bf16, dims[W4_GROUP], xw, xs};
+            extras[i] = (matrix_extra){NULL, w_kind, matrix_tables[i], table_bf16, dims[W4_GROUP],
+                                       w_kind == W8A8 ? row_palettes[i] : NULL, xw, xs};
     }
 #define EXTRA(m) (extras + l * 4 + (m))
 

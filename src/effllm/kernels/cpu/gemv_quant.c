@@ -34,6 +34,7 @@
 #endif
 
 #include "w4.h"
+#include "w8.h"
 
 /* x [M, K] -> xs [M, K] with each 32 columns reordered as the 16 even ones, then the 16 odd ones. */
 static void split_even_odd(const float *x, float *xs, int64_t M, int64_t K) {
@@ -145,26 +146,11 @@ static void gemv_w8_f32(const float *x, const uint8_t *w, const void *scale, int
              int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const uint8_t *wn = w + n * K;
+        const float sn = load_scale(scale, scale_bf16, n);
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int64_t mr = M - m0 < MR ? M - m0 : MR;
-            float total[MR] = {0.f, 0.f, 0.f, 0.f};
-            int64_t k = 0;
-#ifdef __AVX512F__
-            __m512 acc[MR];
-            for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
-            const __m512i offset = _mm512_set1_epi32(128);
-            for (; k + 16 <= K; k += 16) {
-                const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wn + k)));
-                const __m512 wv = _mm512_cvtepi32_ps(_mm512_sub_epi32(u, offset));
-                for (int r = 0; r < mr; r++)
-                    acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (m0 + r) * K + k), acc[r]);
-            }
-            for (int r = 0; r < mr; r++) total[r] = _mm512_reduce_add_ps(acc[r]);
-#endif
-            for (; k < K; k++)
-                for (int r = 0; r < mr; r++) total[r] += (float)((int)wn[k] - 128) * x[(m0 + r) * K + k];
-            const float sn = load_scale(scale, scale_bf16, n);
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            float total[MR];
+            w8_dot_f32(w + n * K, x + m0 * K, K, mr, total);
             for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = total[r] * sn;
         }
     }
@@ -172,17 +158,7 @@ static void gemv_w8_f32(const float *x, const uint8_t *w, const void *scale, int
 
 /* Per-row symmetric int8 quantization of x: xq = round(x / sx) + 128 as unsigned bytes, sx = amax / 127. */
 static void quantize_rows(const float *x, uint8_t *xq, float *sx, int64_t M, int64_t K) {
-    for (int64_t m = 0; m < M; m++) {
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
-        const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
-        sx[m] = s;
-        for (int64_t k = 0; k < K; k++) {
-            float q = nearbyintf(x[m * K + k] * inv);
-            q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
-            xq[m * K + k] = (uint8_t)((int)q + 128);
-        }
-    }
+    for (int64_t m = 0; m < M; m++) w8_quantize_row(x, xq, sx, m, K);
 }
 
 static void gemv_w8a8_f32(const float *x, const int8_t *w, const void *scale, int scale_bf16, const int32_t *rowsum,
@@ -192,23 +168,10 @@ static void gemv_w8a8_f32(const float *x, const int8_t *w, const void *scale, in
     quantize_rows(x, xq, sx, M, K);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const int8_t *wn = w + n * K;
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int64_t mr = M - m0 < MR ? M - m0 : MR;
-            int32_t total[MR] = {0, 0, 0, 0};
-            int64_t k = 0;
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
-            __m512i acc[MR];
-            for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_si512();
-            for (; k + 64 <= K; k += 64) {
-                const __m512i wv = _mm512_loadu_si512((const void *)(wn + k));
-                for (int r = 0; r < mr; r++)
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_loadu_si512((const void *)(xq + (m0 + r) * K + k)), wv);
-            }
-            for (int r = 0; r < mr; r++) total[r] = _mm512_reduce_add_epi32(acc[r]);
-#endif
-            for (; k < K; k++)
-                for (int r = 0; r < mr; r++) total[r] += (int32_t)xq[(m0 + r) * K + k] * (int32_t)wn[k];
+            const int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            int32_t total[MR];
+            w8a8_dot(w + n * K, xq + m0 * K, K, mr, total);
             for (int r = 0; r < mr; r++)
                 y[(m0 + r) * N + n] = (float)(total[r] - 128 * rowsum[n]) * sx[m0 + r] * load_scale(scale, scale_bf16, n);
         }

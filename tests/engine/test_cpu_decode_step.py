@@ -45,18 +45,24 @@ def logprobs(outs):
     return [[lp[t] for t, lp in zip(o.token_ids, o.outputs[0].logprobs, strict=True)] for o in outs]
 
 
+def assert_agree(fused, plain, dtype: str, tolerance: float = 1e-4):
+    """float32: the same tokens and log-probabilities to `tolerance`; bfloat16 rounds at other points: the
+    first two tokens agree and the first log-probabilities stay close."""
+    if dtype == "float32":
+        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
+        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=tolerance, atol=tolerance)
+    else:
+        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
+        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
+        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_decode_steps_give_the_pytorch_forwards_log_probabilities(model, dtype):
     calls = []
     fused, plain = run(model, 8, dtype, calls), run(model, 0, dtype)
     assert calls and max(calls) > 1  # decode steps of several requests took the fused path
-    if dtype == "float32":
-        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
-        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=1e-4, atol=1e-4)
-    else:  # bfloat16 rounds at other points: the first tokens agree, the distributions stay close
-        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
-        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
-        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)
+    assert_agree(fused, plain, dtype)
 
 
 def test_the_portable_build_equals_the_default_one():
@@ -166,13 +172,7 @@ def test_palettized_models_take_the_fused_step_with_the_same_log_probabilities(m
     calls = []
     fused, plain = run(model, 8, dtype, calls), run(model, 0, dtype)
     assert calls and max(calls) > 1
-    if dtype == "float32":
-        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
-        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=1e-4, atol=1e-4)
-    else:
-        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
-        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
-        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)
+    assert_agree(fused, plain, dtype)
 
 
 @pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-gfni", "-mno-avx512vbmi")])
@@ -211,13 +211,8 @@ def test_w4a16_models_take_the_fused_step_with_the_same_log_probabilities(dtype,
     calls = []
     fused, plain = run(model, 8, dtype, calls, vocab=96), run(model, 0, dtype, vocab=96)
     assert calls and max(calls) > 1
-    if dtype == "float32":  # both paths round the 4-bit products' inputs to bfloat16, at the same points
-        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
-        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=1e-3, atol=1e-3)
-    else:
-        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
-        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
-        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)
+    # both paths round the 4-bit products' inputs to bfloat16, at the same points
+    assert_agree(fused, plain, dtype, 1e-3)
 
 
 @pytest.mark.skipif(not kernel.decode_step_dpbf16(), reason="the 4-bit fused path needs AVX-512 BF16")
@@ -256,10 +251,5 @@ def test_8_bit_models_take_the_fused_step_with_the_same_log_probabilities(scheme
     calls = []
     fused, plain = run(model, 8, dtype, calls, vocab=96), run(model, 0, dtype, vocab=96)
     assert calls and max(calls) > 1
-    if dtype == "float32":  # the same products (W8A8: the same per-row activation codes) in both paths
-        assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
-        torch.testing.assert_close(logprobs(fused), logprobs(plain), rtol=1e-3, atol=1e-3)
-    else:
-        assert [o.token_ids[:2] for o in fused] == [o.token_ids[:2] for o in plain]
-        first = [lp[0] for lp in logprobs(fused)], [lp[0] for lp in logprobs(plain)]
-        torch.testing.assert_close(*first, rtol=0.05, atol=0.05)
+    # the same products (W8A8: the same per-row activation codes) in both paths
+    assert_agree(fused, plain, dtype, 1e-3)

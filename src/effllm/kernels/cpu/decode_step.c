@@ -115,6 +115,16 @@ static inline void dot_bf16(const uint16_t *w, const float *x, const uint16_t *x
 #endif
 }
 
+/* Output column n of every row: y[b, n] (= or +=) acc[b] + bias[n]. */
+static inline void store_column(const float *acc, const float *bias, int64_t n, int64_t B, float *y,
+                                int64_t y_stride, int accumulate) {
+    const float add = bias ? bias[n] : 0.f;
+    for (int64_t b = 0; b < B; b++) {
+        if (accumulate) y[b * y_stride + n] += acc[b] + add;
+        else y[b * y_stride + n] = acc[b] + add;
+    }
+}
+
 /* y[b, n] (= or +=) x[b] . w[n] + bias[n] for n in [0, N), split over the team's threads by rows of w.
    x is float32 [B, K]; xb the same rounded to bfloat16 (read with bfloat16 weights where vdpbf16ps exists). */
 static void matvec(const void *w, int w_bf16, const float *bias, const float *x, const uint16_t *xb,
@@ -129,11 +139,7 @@ static void matvec(const void *w, int w_bf16, const float *bias, const float *x,
             else
                 dot_f32((const float *)w + n * K, x + b0 * K, K, rows, acc + b0);
         }
-        const float add = bias ? bias[n] : 0.f;
-        for (int64_t b = 0; b < B; b++) {
-            if (accumulate) y[b * y_stride + n] += acc[b] + add;
-            else y[b * y_stride + n] = acc[b] + add;
-        }
+        store_column(acc, bias, n, B, y, y_stride, accumulate);
     }
 }
 
@@ -192,11 +198,7 @@ static void matvec_palette(const palettized *w, const float *bias, const float *
             }
 #endif
         }
-        const float add = bias ? bias[n] : 0.f;
-        for (int64_t b = 0; b < B; b++) {
-            if (accumulate) y[b * y_stride + n] += acc[b] + add;
-            else y[b * y_stride + n] = acc[b] + add;
-        }
+        store_column(acc, bias, n, B, y, y_stride, accumulate);
     }
 }
 
@@ -236,11 +238,7 @@ static void matvec_w4(const uint8_t *w, const void *scale, int scale_bf16, int64
             acc[b] = total;
         }
 #endif
-        const float add = bias ? bias[n] : 0.f;
-        for (int64_t b = 0; b < B; b++) {
-            if (accumulate) y[b * y_stride + n] += acc[b] + add;
-            else y[b * y_stride + n] = acc[b] + add;
-        }
+        store_column(acc, bias, n, B, y, y_stride, accumulate);
     }
 }
 
@@ -268,11 +266,7 @@ static void matvec_w8(const uint8_t *w, const void *scale, int scale_bf16, const
                 for (int r = 0; r < rows; r++) acc[b0 + r] *= sn;
             }
         }
-        const float add = bias ? bias[n] : 0.f;
-        for (int64_t b = 0; b < B; b++) {
-            if (accumulate) y[b * y_stride + n] += acc[b] + add;
-            else y[b * y_stride + n] = acc[b] + add;
-        }
+        store_column(acc, bias, n, B, y, y_stride, accumulate);
     }
 }
 

@@ -62,7 +62,10 @@ def _hf_run(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
 
 
 def _measure(run, model, prompt, new_tokens, reps) -> dict:
-    run(model, prompt[:16], 4)  # warm-up
+    # Warm-up on the whole prompt: with a 16-token one, the first two 512-token fp32 prefills of a bench
+    # quantized run measured 384 and 475 tok/s, then 821; now only the first (407, then 811 and 830), so the
+    # median of 3 is the steady speed.
+    run(model, prompt, 4)
     prefill, decode = [], []
     for _ in range(reps):
         ttft, rest = run(model, prompt, new_tokens)

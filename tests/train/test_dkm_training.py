@@ -43,3 +43,22 @@ def test_edkm_training_logs_the_saved_tensor_bytes_it_keeps(make_config):
     assert rows and all(r["dkm_stored_mb"] < r["dkm_saved_mb"] for r in rows)
     down = load_model(config.out, dtype=torch.float32, device="cpu").model.layers[0].mlp.down_proj
     assert isinstance(down, PalettizedLinear)
+
+
+def test_a_model_dkm_could_not_write_palettized_is_refused_before_training(make_config, tmp_path):
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from effllm.core.errors import ConfigError
+
+    config = dkm_run(make_config, "odd", steps=1)
+    odd = json.loads(Path(config.model_config).read_text())
+    odd["intermediate_size"] = 40  # down_proj's inputs: not a multiple of 32
+    path = tmp_path / "odd-config.json"
+    path.write_text(json.dumps(odd))
+    config.model_config = str(path)
+    with pytest.raises(ConfigError, match="multiples of 32; model.layers.0.mlp.down_proj has 40"):
+        train(config)
+    assert not list((tmp_path / "odd").glob("**/step-*"))  # refused before any step

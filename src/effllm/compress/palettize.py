@@ -111,6 +111,11 @@ def palettize_dkm_(model: nn.Module) -> dict[str, int]:
     number of palette values its weights use."""
     used, bits_seen = {}, set()
     ignore = []
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight") and module.in_features % 32:
+            raise ConfigError(
+                f"{name} has {module.in_features} inputs; palettized layers need a multiple of 32"
+            )
     for name, module in list(model.named_modules()):
         if not (
             parametrize.is_parametrized(module, "weight")

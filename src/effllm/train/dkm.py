@@ -17,12 +17,19 @@ from typing import Any
 
 from torch import nn
 
-from effllm.compress.dkm import DKMWeight, apply_dkm
+from effllm.compress.dkm import DKMWeight, apply_dkm, dkm_targets
 from effllm.compress.palettize import palettize_dkm_
+from effllm.core.errors import ConfigError
 from effllm.train.distributed import unwrap
 
 
 def prepare_dkm(model: nn.Module, cfg: Any) -> nn.Module:
+    for name, linear in dkm_targets(model).items():  # the run ends by writing them palettized: check now
+        if linear.in_features % 32:
+            raise ConfigError(
+                f"--method dkm writes a palettized model, whose layers need inputs in multiples of 32; "
+                f"{name} has {linear.in_features}"
+            )
     apply_dkm(model, cfg.dkm_bits, cfg.dkm_tau, cfg.dkm_iters, seed=cfg.seed, edkm=cfg.dkm_edkm)
     return model
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from effllm.compress.gguf_export import PARTS, require_gguf
 from effllm.core.errors import InputError
+from effllm.models.layouts import set_module
 from effllm.models.quantized_linear import QuantizedLinear
 
 
@@ -139,8 +140,7 @@ def import_gguf(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bf
                 codes, scale = unpermute_rows(codes, heads[part]), unpermute_rows(scale, heads[part])
             q = QuantizedLinear.like(module, bits=4, group_size=32, symmetric=True)
             q.set_codes(codes, scale, None)
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, q)
+            set_module(model, name, q)
             quantized = True
             continue
         weight = torch.from_numpy(

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from effllm.compress.dkm import PRUNE_THRESHOLD, DKMWeight, kmeans_1d
 from effllm.core.errors import ConfigError
 from effllm.eval.progress import progress_bar
+from effllm.models.layouts import set_module
 from effllm.models.palettized_linear import PalettizedLinear, palettized_section
 from effllm.models.quantized_linear import _matches
 
@@ -39,18 +40,28 @@ def nearest(weight: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def palettize_linear(
-    linear: nn.Linear,
+    linear: nn.Module,
     bits: int,
     rows_per_palette: int | None = None,
     palettes: torch.Tensor | None = None,
     seed: int = 0,
+    weight: torch.Tensor | None = None,
 ) -> PalettizedLinear:
-    """`linear` as a `PalettizedLinear`: `palettes` [N / R, 2^bits] given (DKM), or found by k-means on each
-    group of R rows; every weight takes its palette's nearest value."""
-    module = PalettizedLinear.like(linear, bits, rows_per_palette)
-    weight = linear.weight.detach()
-    rows = module.rows_per_palette
-    groups = weight.view(-1, rows, weight.shape[1])
+    """`linear` (or `weight`, with `linear`'s bias) as a `PalettizedLinear`: `palettes` [N / R, 2^bits]
+    given (DKM), or found by k-means on each group of R rows; every weight takes its palette's nearest
+    value."""
+    weight = (linear.weight if weight is None else weight).detach()
+    out_features, in_features = weight.shape
+    module = PalettizedLinear(
+        in_features,
+        out_features,
+        linear.bias is not None,
+        bits,
+        rows_per_palette,
+        weight.dtype,
+        weight.device,
+    )
+    groups = weight.view(-1, module.rows_per_palette, in_features)
     if palettes is None:
         palettes = torch.stack([kmeans_1d(g, 2**bits, seed=seed + i) for i, g in enumerate(groups)])
     indices = torch.cat([nearest(g, p) for g, p in zip(groups, palettes, strict=True)])
@@ -66,11 +77,6 @@ def _targets(model: nn.Module, skip: list[str]) -> dict[str, nn.Linear]:
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and name and not _matches(name, skip)
     }
-
-
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def palettize_(
@@ -98,7 +104,7 @@ def palettize_(
             )
     with progress_bar(len(targets), "palettize", show_progress, unit="matrix") as bar:
         for i, (name, linear) in enumerate(targets.items()):
-            _swap(model, name, palettize_linear(linear, bits, rows_per_palette, seed=seed + i))
+            set_module(model, name, palettize_linear(linear, bits, rows_per_palette, seed=seed + i))
             bar.update(1)
     model.config.effllm["compression"] = palettized_section(bits, rows_per_palette, skip)
     return len(targets)
@@ -129,11 +135,8 @@ def palettize_dkm_(model: nn.Module) -> dict[str, int]:
         if not bool(dkm.initialised):  # never ran a forward: centroids as its first forward would make them
             dkm.centroids.copy_(kmeans_1d(weight, 2**dkm.bits, seed=dkm.seed))
             dkm.initialised.fill_(True)
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        plain.weight = nn.Parameter(weight, requires_grad=False)
-        plain.bias = module.bias
-        new = palettize_linear(plain, dkm.bits, palettes=dkm.centroids[None].to(weight.dtype))
-        _swap(model, name, new)
+        new = palettize_linear(module, dkm.bits, palettes=dkm.centroids[None].to(weight.dtype), weight=weight)
+        set_module(model, name, new)
         used[name] = int(new.indices().unique().numel())
         bits_seen.add(dkm.bits)
     if not used:

@@ -37,6 +37,7 @@ from effllm.compress.calibration import LAYER_LINEARS, LayerByLayer
 from effllm.compress.rtn import QuantSpec
 from effllm.compress.schemes import W4A8, W4A8KV4, register_scheme, target_linears
 from effllm.eval.progress import progress_bar
+from effllm.models.layouts import set_module
 from effllm.models.qoq_linear import QoQLinear
 from effllm.models.rope import apply_rotary
 
@@ -254,8 +255,7 @@ def _swap(module_owner: nn.Module, name: str, linear: nn.Linear, u, s1, s2, z, g
     q.set_codes(u, s1, s2, z)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    parent, _, attr = name.rpartition(".")
-    setattr(module_owner.get_submodule(parent) if parent else module_owner, attr, q)
+    set_module(module_owner, name, q)
 
 
 @register_scheme(W4A8)

@@ -28,6 +28,7 @@ from effllm.compress.calibration import LAYER_LINEARS, LINEAR_GROUPS, LayerByLay
 from effllm.compress.rtn import QuantizedWeight, QuantSpec, rtn
 from effllm.core.errors import InputError
 from effllm.eval.progress import progress_bar
+from effllm.models.layouts import set_module
 from effllm.models.quantized_linear import QuantizedLinear, _matches
 
 
@@ -259,8 +260,7 @@ def _swap(model: nn.Module, name: str, qw: QuantizedWeight, config: QuantizeConf
     module.set_codes(qw.q, qw.scale, qw.zero)
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
+    set_module(model, name, module)
 
 
 def _untie_if_needed(model: nn.Module, targets: dict[str, nn.Linear]) -> None:

@@ -81,13 +81,18 @@ def apply_layout(model: nn.Module, section: dict[str, Any] | None) -> None:
     LAYOUTS[name](model, section)
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model` (in place of what is there)."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
 def swap_modules(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
     """Replace each submodule for which `replace(name, module)` returns a module; returns the names swapped."""
     swapped = []
     for name, module in list(model.named_modules()):
         new = replace(name, module) if name else None
         if new is not None:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, new)
+            set_module(model, name, new)
             swapped.append(name)
     return swapped

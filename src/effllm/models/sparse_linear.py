@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from effllm.core.errors import ConfigError
+from effllm.models.layouts import set_module
 
 
 class SparseLinear(nn.Module):
@@ -72,8 +73,6 @@ def sparsify_linears_(model: nn.Module, min_sparsity: float) -> int:
     for layer in layers:
         for name, module in list(layer.named_modules()):
             if type(module) is nn.Linear and zero_share(module.weight) >= min_sparsity:
-                parent_name, _, child = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, child, SparseLinear.from_linear(module))
+                set_module(layer, name, SparseLinear.from_linear(module))
                 count += 1
     return count

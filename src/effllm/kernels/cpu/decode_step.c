@@ -348,6 +348,9 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
     if (w_kind == PALETTIZED) {
         pals = aligned_alloc(64, sizeof(palettized) * L * 4); /* its index constants are 64-byte vectors */
         const void *const *w[4] = {w_qkv, w_o, w_gu, w_down};
+#ifdef __AVX512F__
+        const palette_consts consts = palette_consts_for(pal_bits); /* one bit width: built once a step */
+#endif
         for (int64_t l = 0; l < L; l++)
             for (int m = 0; m < 4; m++) {
                 palettized *p = pals + l * 4 + m;
@@ -357,7 +360,7 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
                 p->bits = pal_bits;
                 p->bf16 = table_bf16;
 #ifdef __AVX512F__
-                p->consts = palette_consts_for(pal_bits);
+                p->consts = consts;
 #endif
                 extras[l * 4 + m].pal = p;
                 extras[l * 4 + m].kind = PALETTIZED;

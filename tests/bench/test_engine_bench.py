@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from effllm.bench import kv_cache, latency, skip_decode, spec_decode, structured, throughput
+from effllm.bench import kv_cache, latency, quantized, skip_decode, spec_decode, structured, throughput
 from effllm.models.default import default_model_path
 
 
@@ -167,3 +167,12 @@ def test_structured_bench_measures_each_constraint_against_plain():
         and result["throughput"]["regex"]["output_tokens_per_s"] > 0
     )
     assert result["mask_us_per_step_batch1"] > 0
+
+
+def test_quantized_bench_runs_palettized_variants_beside_bf16():
+    result = quantized.run_quantized_bench(
+        shape="tiny", variants=("bf16", "pal3"), prompt_tokens=16, new_tokens=4
+    )
+    bf16, pal3 = result["variants"]["bf16"], result["variants"]["pal3"]
+    assert pal3["streamed_bytes_per_token"] < bf16["streamed_bytes_per_token"]
+    assert pal3["decode_tokens_per_s"] > 0 and "decode_speedup_vs_bf16" in pal3

@@ -170,3 +170,61 @@ def test_split_rows_balances_keys_and_covers_every_row():
     assert split_rows([10, 10, 10, 10], [0, 0, 0, 0], 2) == [(0, 2), (2, 4)]
     assert split_rows([100, 1, 1, 1], [0, 0, 0, 0], 2) == [(0, 1), (1, 4)]
     assert split_rows([5], [0], 4) == [(0, 1)]
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="no C compiler")
+@pytest.mark.parametrize("block", [16, 32, 8])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (16, 1)])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_compiled_cpu_decode_at_model_head_dims(block, heads, kv_heads, dim, threads):
+    """Head dims of real models (64, 128), where a bfloat16 cache takes the vdpbf16ps or AMX scores: shares
+    that start and end inside blocks, full and partial 16-token tiles, blocks of 16, 32 and 8 tokens (8:
+    no 16 consecutive rows, the copied tile), shuffled blocks."""
+    from effllm.kernels.cpu.build import cpu_features
+    from effllm.kernels.cpu_paged_attention import amx_scores_available
+
+    if {"amx_tile", "amx_bf16"} <= cpu_features():
+        assert amx_scores_available()  # this test then exercises the AMX path
+    lengths, dtype = [1, 15, 16, 17, 47, 300], torch.bfloat16
+    gen = torch.Generator().manual_seed(3)
+    keys = [torch.randn(n, kv_heads, dim, generator=gen).to(dtype) for n in lengths]
+    values = [torch.randn(n, kv_heads, dim, generator=gen).to(dtype) for n in lengths]
+    num_blocks = sum(-(-n // block) for n in lengths) + 3
+    k_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block, kv_heads, dim, generator=gen).to(dtype)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = []
+    for k, v in zip(keys, values, strict=True):
+        blocks = [free.pop() for _ in range(-(-k.shape[0] // block))]
+        slots = torch.tensor([blocks[p // block] * block + p % block for p in range(len(k))])
+        k_cache.view(-1, kv_heads, dim)[slots] = k
+        v_cache.view(-1, kv_heads, dim)[slots] = v
+        tables.append(blocks)
+    width = max(map(len, tables))
+    lo = [0, 0, 3, 0, 10, 0]  # some rows start past position 0 (a sliding window)
+    q = torch.randn(len(lengths), heads, dim, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_decode_attention_cpu(
+            q,
+            k_cache,
+            v_cache,
+            torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+            torch.tensor(lengths),
+            torch.tensor(lo),
+            [],
+            dim**-0.5,
+        )
+    finally:
+        torch.set_num_threads(before)
+    for i in range(len(lengths)):
+        # the kernel rounds the queries to bfloat16 for its bfloat16 dot products; so does the reference
+        expected = sdpa_attention(
+            q[i : i + 1, None].to(dtype).float(),
+            keys[i][None, lo[i] :].float(),
+            values[i][None, lo[i] :].float(),
+            scale=dim**-0.5,
+        )[0, 0]
+        torch.testing.assert_close(got[i].float(), expected, atol=2e-5, rtol=1e-4)

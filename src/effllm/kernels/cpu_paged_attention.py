@@ -5,7 +5,7 @@ The PyTorch path (`paged_decode_attention`) gathers every decode's blocks into a
 SDPA reads them: three passes over the keys and values, plus padding. This kernel walks each sequence's
 blocks in place and reads each key and value once. A float32 or bfloat16 cache goes through
 `paged_decode` (`cpu/attention.h`: each sequence's keys in shares, every head of a token at once,
-AVX-512 dot products, OpenMP tasks in one parallel region); an int8 or int4 cache (`kv_quant.py`) is
+AVX-512 dot products or, for a bfloat16 cache on a CPU with AMX, tile products, OpenMP tasks in one parallel region); an int8 or int4 cache (`kv_quant.py`) is
 dequantized in registers by `paged_decode_quant`, whose rows a few Python threads split (ctypes releases
 the GIL). It is `cpu/paged_decode.c`, compiled on first use by `cpu.build.load_kernel`. Without a compiler
 the engine keeps the PyTorch path. Tested against dense SDPA like every other backend.
@@ -34,6 +34,7 @@ _QUANT_SIGNATURE = (
 _SIGNATURES = {
     "paged_decode": _SIGNATURE,
     "paged_decode_work": ([_i, _i, _i, _i, _i], _i),
+    "paged_decode_amx": ([], ctypes.c_int),
     "paged_decode_quant": _QUANT_SIGNATURE,
 }
 # The cache dtypes the kernel reads (q and out are float32 inside it).
@@ -49,6 +50,13 @@ def _library() -> ctypes.CDLL | None:
 def cpu_kernel_available() -> bool:
     """Whether the compiled kernel is usable (compiled on the first call)."""
     return _library() is not None
+
+
+def amx_scores_available() -> bool:
+    """Whether a bfloat16 cache's scores take AMX tiles (`cpu/attention.h`): the kernel was built for a CPU
+    with AMX-BF16 and Linux granted the process the tile state."""
+    lib = _library()
+    return lib is not None and bool(lib.paged_decode_amx())
 
 
 def split_rows(lens: list[int], lo: list[int], parts: int) -> list[tuple[int, int]]:

@@ -13,6 +13,11 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define EFFLLM_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #else  /* built without -fopenmp: one thread */
@@ -52,6 +57,55 @@ static inline float softmax_exp(float x) {  /* as in paged_decode.c: a vectorisa
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;
+}
+
+#ifdef __AVX512F__
+/* softmax_exp on 16 lanes: the same reduction and polynomial, so both agree to rounding. */
+static inline __m512 softmax_exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+    const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(two_n));
+}
+#endif
+
+/* s [n] <- exp(s - max s); returns the maximum, the sum in *sum. */
+static inline float softmax_row(float *s, int64_t n, float *sum) {
+    float mh = -INFINITY, total = 0.f;
+#ifdef __AVX512F__
+    __m512 mv = _mm512_set1_ps(-INFINITY), sv = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+    if (j < n) mv = _mm512_mask_max_ps(mv, (__mmask16)((1u << (n - j)) - 1), mv, _mm512_maskz_loadu_ps((__mmask16)((1u << (n - j)) - 1), s + j));
+    mh = _mm512_reduce_max_ps(mv);
+    const __m512 m16 = _mm512_set1_ps(mh);
+    for (j = 0; j + 16 <= n; j += 16) {
+        const __m512 e = softmax_exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m16));
+        _mm512_storeu_ps(s + j, e);
+        sv = _mm512_add_ps(sv, e);
+    }
+    if (j < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+        const __m512 e = softmax_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), m16));
+        _mm512_mask_storeu_ps(s + j, k, e);
+        sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(k, e));
+    }
+    total = _mm512_reduce_add_ps(sv);
+#else
+    for (int64_t j = 0; j < n; j++) mh = s[j] > mh ? s[j] : mh;
+    for (int64_t j = 0; j < n; j++) { s[j] = softmax_exp(s[j] - mh); total += s[j]; }
+#endif
+    *sum = total;
+    return mh;
 }
 
 #ifdef __AVX512F__
@@ -178,6 +232,92 @@ static inline __attribute__((always_inline)) void scores_avx512_body(const float
 }
 
 
+#ifdef EFFLLM_AMX
+/* Scores with AMX tiles (a bfloat16 cache, head dim a multiple of 32, at most 16 query heads per kv head).
+   For 16 tokens and kv head g, C [16 tokens, G] += K [16 tokens, 32 channels] x Q_g^T [32 channels, G]:
+   the keys are tile-loaded straight from the cache (16 rows, one cache row apart), the queries are the
+   B operand in AMX's pair layout (built once per share). No horizontal sums, 2 tile products per 16
+   tokens per kv head at head dim 64. Linux grants a process the tile state only on request
+   (attention_init). */
+static int amx_state = 0;  /* 0: not asked yet, 1: granted, -1: refused */
+
+/* Ask Linux for the AMX tile state once, before any parallel region; whether AMX may be used. */
+static inline int attention_init(void) {
+    if (amx_state == 0) {
+        const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+    }
+    return amx_state == 1;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles: 0 the scores C [16, G] float32, 1 keys [16, 32] bfloat16, 2 queries [16 pairs, G]. */
+static inline void scores_amx_config(int64_t G) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = 16; cfg.colsb[0] = (uint16_t)(G * 4);
+    cfg.rows[1] = 16; cfg.colsb[1] = 64;
+    cfg.rows[2] = 16; cfg.colsb[2] = (uint16_t)(G * 4);
+    _tile_loadconfig(&cfg);
+}
+
+/* qt [Hkv][D / 32][16 pairs][G][2]: the queries rounded to bfloat16, channel pairs of head g G + n. */
+static inline void queries_amx(const float *q, int64_t Hkv, int64_t G, int64_t D, uint16_t *qt) {
+    for (int64_t g = 0; g < Hkv; g++)
+        for (int64_t c = 0; c < D / 32; c++)
+            for (int64_t r = 0; r < 16; r++)
+                for (int64_t nn = 0; nn < G; nn++)
+                    for (int64_t e = 0; e < 2; e++)
+                        qt[(((g * (D / 32) + c) * 16 + r) * G + nn) * 2 + e] = round_bf16(q[(g * G + nn) * D + 32 * c + 2 * r + e]);
+}
+
+/* `lanes` (scratch) holds tile stores [16 tokens, H] and a copy of 16 rows for keys that are not 16
+   consecutive rows of one block. */
+static void scores_amx(const float *q, const uint16_t *k_cache, const int64_t *at, int64_t n, int64_t Hkv,
+                       int64_t G, int64_t D, float scale, float *sc, float *lanes, uint16_t *qt) {
+    const int64_t H = Hkv * G, C = D / 32, kv_dim = Hkv * D, row_bytes = kv_dim * 2;
+    float *S = lanes;                        /* [16, H] */
+    uint16_t *rows = (uint16_t *)(lanes + 16 * H);  /* [16, kv_dim] */
+    queries_amx(q, Hkv, G, D, qt);
+    scores_amx_config(G);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)H));
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        const int64_t tn = n - j0 < 16 ? n - j0 : 16;
+        const uint16_t *base = k_cache + at[j0];
+        if (tn < 16 || at[j0 + 15] - at[j0] != 15 * kv_dim) {  /* not 16 consecutive rows: copy them */
+            for (int64_t t = 0; t < 16; t++) {
+                if (t < tn) memcpy(rows + t * kv_dim, k_cache + at[j0 + t], row_bytes);
+                else memset(rows + t * kv_dim, 0, row_bytes);
+            }
+            base = rows;
+        }
+        for (int64_t g = 0; g < Hkv; g++) {
+            _tile_zero(0);
+            for (int64_t c = 0; c < C; c++) {
+                _tile_loadd(1, base + g * D + 32 * c, row_bytes);
+                _tile_loadd(2, qt + (g * C + c) * 16 * G * 2, G * 4);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, S + g * G, H * 4);
+        }
+        const __mmask16 keep = (__mmask16)((1u << tn) - 1);
+        for (int64_t h = 0; h < H; h++)
+            _mm512_mask_storeu_ps(sc + h * n + j0, keep, _mm512_mul_ps(_mm512_i32gather_ps(idx, S + h, 4), sv));
+    }
+    _tile_release();
+}
+#else
+static inline int attention_init(void) { return 0; }
+#endif
+
 /* The body with the head dim a constant where it is a common one, so its loops unroll. */
 static void scores_avx512(const float *q, const void *k_cache, int c_bf16, const int64_t *at, int64_t n,
                           int64_t Hkv, int64_t G, int64_t D, float scale, float *sc, float *lanes, uint16_t *qb) {
@@ -186,28 +326,51 @@ static void scores_avx512(const float *q, const void *k_cache, int c_bf16, const
     else scores_avx512_body(q, k_cache, c_bf16, at, n, Hkv, G, D, scale, sc, lanes, qb);
 }
 
-/* Weighted values, a kv head at a time: the outputs of as many of its G heads as 24 registers hold stay in
-   registers over every token; each token's value row is widened once for them. */
+/* Weighted values of HN query heads h0 .. h0 + HN - 1 (all of kv head g) over tokens ja .. jb - 1, added to
+   their outputs o: the outputs stay in registers over the tokens (HN and C constant, so the accumulators are
+   registers, not an array in memory), each token's value row widened once for them. */
+static inline __attribute__((always_inline)) void values_heads(const float *sc, const void *v_cache, int c_bf16,
+                          const int64_t *at, int64_t n, int64_t ja, int64_t jb, int64_t g, int64_t h0,
+                          const int64_t HN, const int64_t C, int64_t D, float *o) {
+    __m512 acc[24];
+    for (int64_t hh = 0; hh < HN; hh++)
+        for (int64_t c = 0; c < C; c++) acc[hh * C + c] = _mm512_loadu_ps(o + (h0 + hh) * D + 16 * c);
+    const float *w0 = sc + h0 * n;
+    for (int64_t j = ja; j < jb; j++) {
+        __m512 v[16];
+        for (int64_t c = 0; c < C; c++) v[c] = load16(v_cache, c_bf16, at[j] + g * D + 16 * c);
+        for (int64_t hh = 0; hh < HN; hh++) {
+            const __m512 w = _mm512_set1_ps(w0[hh * n + j]);
+            for (int64_t c = 0; c < C; c++) acc[hh * C + c] = _mm512_fmadd_ps(w, v[c], acc[hh * C + c]);
+        }
+    }
+    for (int64_t hh = 0; hh < HN; hh++)
+        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(o + (h0 + hh) * D + 16 * c, acc[hh * C + c]);
+}
+
+#define VALUES_CHUNK 16  /* tokens: every kv head's part of a chunk's rows is read while the rows are in L1 */
+
+/* Weighted values into o (zeroed), VALUES_CHUNK tokens at a time, within a chunk a kv head at a time, its
+   G query heads in register-sized groups (24 accumulators). */
 static inline __attribute__((always_inline)) void values_avx512_body(const float *sc, const void *v_cache, int c_bf16, const int64_t *at, int64_t n,
                           int64_t Hkv, int64_t G, const int64_t D, float *o) {
     const int64_t C = D / 16, per = 24 / C < 1 ? 1 : 24 / C;
-    for (int64_t g = 0; g < Hkv; g++)
-        for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += per) {
-            const int64_t hn = (g + 1) * G - h0 < per ? (g + 1) * G - h0 : per;
-            __m512 acc[24];
-            for (int64_t i = 0; i < hn * C; i++) acc[i] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n; j++) {
-                if (g == 0 && h0 == 0) prefetch_row(v_cache, c_bf16, at, j, n, Hkv * D);
-                __m512 v[16];
-                for (int64_t c = 0; c < C; c++) v[c] = load16(v_cache, c_bf16, at[j] + g * D + 16 * c);
-                for (int64_t hh = 0; hh < hn; hh++) {
-                    const __m512 w = _mm512_set1_ps(sc[(h0 + hh) * n + j]);
-                    for (int64_t c = 0; c < C; c++) acc[hh * C + c] = _mm512_fmadd_ps(w, v[c], acc[hh * C + c]);
+    for (int64_t ja = 0; ja < n; ja += VALUES_CHUNK) {
+        const int64_t jb = n - ja < VALUES_CHUNK ? n : ja + VALUES_CHUNK;
+        for (int64_t g = 0; g < Hkv; g++)
+            for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += per) {
+                const int64_t hn = (g + 1) * G - h0 < per ? (g + 1) * G - h0 : per;
+#define EFFLLM_VALUES(HN) case HN: values_heads(sc, v_cache, c_bf16, at, n, ja, jb, g, h0, HN, C, D, o); break;
+                if (C == 4) {  /* head dim 64: up to 6 heads a pass */
+                    switch (hn) { EFFLLM_VALUES(1) EFFLLM_VALUES(2) EFFLLM_VALUES(3) EFFLLM_VALUES(4) EFFLLM_VALUES(5) EFFLLM_VALUES(6) }
+                } else if (C == 8) {  /* head dim 128: up to 3 */
+                    switch (hn) { EFFLLM_VALUES(1) EFFLLM_VALUES(2) EFFLLM_VALUES(3) }
+                } else {
+                    for (int64_t hh = 0; hh < hn; hh++) values_heads(sc, v_cache, c_bf16, at, n, ja, jb, g, h0 + hh, 1, C, D, o);
                 }
+#undef EFFLLM_VALUES
             }
-            for (int64_t hh = 0; hh < hn; hh++)
-                for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(o + (h0 + hh) * D + 16 * c, acc[hh * C + c]);
-        }
+    }
 }
 
 static void values_avx512(const float *sc, const void *v_cache, int c_bf16, const int64_t *at, int64_t n,
@@ -221,8 +384,14 @@ static void values_avx512(const float *sc, const void *v_cache, int c_bf16, cons
 /* One share of one sequence's keys, positions j0 .. j1 - 1, for all H = Hkv G query heads q [H, D]: per
    head its maximum score m, sum of exp(score - m) l and the unnormalised output o [H, D] =
    sum_j exp(score_j - m) v_j. `sc` is scratch of attend_scratch(H, n) floats. */
+/* The `lanes` scratch: 16 partial sums per (head, token) of 16 tokens for scores_avx512; for scores_amx its
+   tile stores [16, H] and a copy of 16 key rows (at most H D channels each). */
+static inline int64_t lanes_size(int64_t H, int64_t D) {
+    return H * 256 > 16 * H + 8 * H * D ? H * 256 : 16 * H + 8 * H * D;
+}
+
 static inline int64_t attend_scratch(int64_t H, int64_t D, int64_t n) {
-    return H * n + H * 256 + (H * D + 1) / 2 + 2 * n + 4;  /* scores, lanes, bfloat16 queries, offsets */
+    return H * n + lanes_size(H, D) + (H * D + 1) / 2 + 2 * n + 4;  /* scores, lanes, bfloat16 queries, offsets */
 }
 
 static void attend(const float *restrict q, const void *k_cache, const void *v_cache, int c_bf16,
@@ -233,23 +402,22 @@ static void attend(const float *restrict q, const void *k_cache, const void *v_c
     for (int64_t h = 0; h < H; h++) { m[h] = -INFINITY; l[h] = 0.f; }
     if (n <= 0) return;
     float *lanes = sc + H * n;
-    uint16_t *qb = (uint16_t *)(lanes + H * 256);
-    int64_t *at = (int64_t *)(sc + H * n + H * 256 + (H * D + 1) / 2 + 1);
+    uint16_t *qb = (uint16_t *)(lanes + lanes_size(H, D));
+    int64_t *at = (int64_t *)(sc + H * n + lanes_size(H, D) + (H * D + 1) / 2 + 1);
     at = (int64_t *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
     token_offsets(table, BS, Hkv * D, j0, j1, at);
 #ifdef __AVX512F__
     const int vec = D % 16 == 0 && D <= 256;  /* at most 16 vectors of a head's channels */
+#ifdef EFFLLM_AMX
+    if (c_bf16 && D % 32 == 0 && G <= 16 && amx_state == 1)
+        scores_amx(q, (const uint16_t *)k_cache, at, n, Hkv, G, D, scale, sc, lanes, qb);
+    else
+#endif
     if (vec) scores_avx512(q, k_cache, c_bf16, at, n, Hkv, G, D, scale, sc, lanes, qb);
     else
 #endif
         scores_portable(q, k_cache, c_bf16, at, n, Hkv, G, D, scale, sc);
-    for (int64_t h = 0; h < H; h++) {
-        float *s = sc + h * n, mh = -INFINITY, sum = 0.f;
-        for (int64_t j = 0; j < n; j++) mh = s[j] > mh ? s[j] : mh;
-        for (int64_t j = 0; j < n; j++) { s[j] = softmax_exp(s[j] - mh); sum += s[j]; }
-        m[h] = mh;
-        l[h] = sum;
-    }
+    for (int64_t h = 0; h < H; h++) m[h] = softmax_row(sc + h * n, n, l + h);
 #ifdef __AVX512F__
     if (vec) values_avx512(sc, v_cache, c_bf16, at, n, Hkv, G, D, o);
     else

@@ -333,6 +333,7 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
     const int64_t G = H / Hkv, q_dim = H * D, kv_dim = Hkv * D, qkv_n = q_dim + 2 * kv_dim;
     const int64_t widest = hidden > q_dim ? (hidden > inter ? hidden : inter) : (q_dim > inter ? q_dim : inter);
     const int64_t splits = key_splits(B, threads, max_keys);
+    attention_init();  /* AMX tiles for a bfloat16 cache's scores, where the CPU and Linux allow */
     /* work: xn [B, widest] | qkv [B, qkv_n] | attn [B, q_dim] | gu [B, 2 inter] | scores [threads, H, max_keys]
        | parts [B splits, H (D + 2)] | xb (bfloat16) */
     float *xn = work, *qkv = xn + B * widest, *attn = qkv + B * qkv_n, *gu = attn + B * q_dim;

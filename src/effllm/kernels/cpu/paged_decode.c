@@ -13,6 +13,9 @@ int64_t paged_decode_work(int64_t B, int64_t H, int64_t D, int64_t max_keys, int
     return attention_work(B, H, D, max_keys, threads);
 }
 
+/* Whether bfloat16 scores take AMX tiles here (the CPU has them and Linux grants the tile state). */
+int paged_decode_amx(void) { return attention_init(); }
+
 void paged_decode(const float *q, const void *k_cache, const void *v_cache, int cache_bf16, const int64_t *tables,
                   int64_t width, const int64_t *lens, const int64_t *lo, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                   int64_t BS, float scale, int threads, float *work, float *out) {
@@ -20,6 +23,7 @@ void paged_decode(const float *q, const void *k_cache, const void *v_cache, int 
     for (int64_t b = 0; b < B; b++)
         if (lens[b] - lo[b] > max_keys) max_keys = lens[b] - lo[b];
     const int64_t splits = key_splits(B, threads, max_keys), G = H / Hkv;
+    attention_init();
     float *parts = work + (int64_t)threads * (attend_scratch(H, D, max_keys) + 2);
     #pragma omp parallel num_threads(threads)
     {
@@ -215,9 +219,8 @@ static inline __attribute__((always_inline)) void decode_quant(
             }
         }
         for (int64_t h = 0; h < H; h++) {
-            float *sh = scores + h * n, m = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j < n; j++) m = sh[j] > m ? sh[j] : m;
-            for (int64_t j = 0; j < n; j++) { sh[j] = softmax_exp(sh[j] - m); sum += sh[j]; }
+            float *sh = scores + h * n, sum;
+            softmax_row(sh, n, &sum);
             const float inv = 1.f / sum;
             for (int64_t j = 0; j < n; j++) sh[j] *= inv;
         }

@@ -184,3 +184,14 @@ def test_inverse_cdf_draws_follow_the_distribution_and_never_draw_impossible_tok
     assert counts[0, 1] == counts[0, 4] == 0 and (drawn[1] == 3).all()
     edge = draw_from(probs[:1], torch.tensor([1 - 1e-7]))  # u at the top never runs past the vocabulary
     assert edge.item() == 3
+
+
+def test_greedy_tokens_is_argmax_with_its_ties_and_nans():
+    from effllm.engine.sampler import greedy_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 1000, generator=gen).round()  # many ties per row
+    logits[3, 10] = float("nan")
+    logits[5] = 0.0  # a row that is all ties
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(greedy_tokens(logits.to(dtype)), logits.to(dtype).argmax(dim=-1))

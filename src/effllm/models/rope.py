@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from effllm.kernels import cpu_elementwise
 from effllm.models.config import ModelConfig
 
 
@@ -112,5 +113,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, heads, D]; cos, sin: [B, T, D]."""
+    if cpu_elementwise.applies(x):  # inference on the CPU: one C pass, the same rounding
+        out = cpu_elementwise.rotary(x, cos, sin)
+        if out is not None:
+            return out
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + _rotate_half(x) * sin

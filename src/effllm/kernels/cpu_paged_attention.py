@@ -24,7 +24,26 @@ from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
 _p, _i = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURE = (
-    [_p, _p, _p, ctypes.c_int, _p, _i, _p, _p, _i, _i, _i, _i, _i, ctypes.c_float, ctypes.c_int, _p, _p],
+    [
+        _p,
+        ctypes.c_int,
+        _p,
+        _p,
+        ctypes.c_int,
+        _p,
+        _i,
+        _p,
+        _p,
+        _i,
+        _i,
+        _i,
+        _i,
+        _i,
+        ctypes.c_float,
+        ctypes.c_int,
+        _p,
+        _p,
+    ],
     None,
 )
 _QUANT_SIGNATURE = (
@@ -94,20 +113,37 @@ def paged_decode_attention_cpu(
     """
     global _pool
     q_dtype = q.dtype
-    q, block_tables = q.to(torch.float32).contiguous(), block_tables.contiguous()
+    block_tables = block_tables.contiguous()
     b, h, d = q.shape
-    out = torch.empty_like(q)
     lib = _library()
-    caches = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
     pages = (block_tables.data_ptr(), block_tables.shape[1], lens.data_ptr(), lo.data_ptr())
     heads = (k_cache.shape[2], d, k_cache.shape[1], scale)  # kv heads, head dim, block size, scale
     if kv_bits is None:
+        # float32 or bfloat16 queries as they are (the kernel widens and rounds), others through float32
+        q = q.contiguous() if q_dtype in KERNEL_DTYPES else q.float().contiguous()
+        out = torch.empty_like(q)
         threads = torch.get_num_threads()
         max_keys = int((lens - lo).max())
         work = torch.empty(lib.paged_decode_work(b, h, d, max_keys, threads), dtype=torch.float32)
-        bf16 = int(k_cache.dtype == torch.bfloat16)
-        lib.paged_decode(*caches, bf16, *pages, b, h, *heads, threads, work.data_ptr(), out.data_ptr())
+        bf16, io_bf16 = int(k_cache.dtype == torch.bfloat16), int(q.dtype == torch.bfloat16)
+        lib.paged_decode(
+            q.data_ptr(),
+            io_bf16,
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            bf16,
+            *pages,
+            b,
+            h,
+            *heads,
+            threads,
+            work.data_ptr(),
+            out.data_ptr(),
+        )
         return out.to(q_dtype)
+    q = q.to(torch.float32).contiguous()
+    out = torch.empty_like(q)
+    caches = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
     args = (*caches, k_params.data_ptr(), v_params.data_ptr(), *pages, h, *heads, kv_bits)
     if len(splits) > 1 and _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="effllm-attn")

@@ -115,6 +115,10 @@ def paged_prefill_attention(
     keep = kv_len - first * k_cache.shape[1]
     k = gather_values(k_cache, block_ids[first:], k_params, kv_bits, q.dtype)[None, :keep]
     v = gather_values(v_cache, block_ids[first:], v_params, kv_bits, q.dtype)[None, :keep]
+    if q_start == 0 and (window is None or window >= kv_len):
+        # the whole prompt in one chunk: plain causal attention, which SDPA's flash kernel computes without
+        # the blocks above the diagonal (an explicit mask makes it compute them and mask them out)
+        return sdpa_attention(q[None], k, v, scale=scale)[0]
     offset = first * k_cache.shape[1]
     mask = causal_window_mask(t, kv_len - offset, window, q.device, q_start=q_start - offset)
     return sdpa_attention(q[None], k, v, scale=scale, mask=mask)[0]

@@ -7,38 +7,50 @@
 #include "attention.h"
 
 /* B single queries q [B, H, D], one per sequence; row b sees keys lo[b] .. lens[b]-1 of its blocks
-   tables[b] (its query sits at lens[b]-1). `work` holds attention_work(B, H, D, max keys, threads) floats
-   (paged_decode_work). */
+   tables[b] (its query sits at lens[b]-1). q and out are float32, or bfloat16 with io_bf16 (a bfloat16
+   model's activations: widened and rounded here, not by two extra passes in PyTorch). `work` holds
+   paged_decode_work(B, H, D, max keys, threads) floats. */
 int64_t paged_decode_work(int64_t B, int64_t H, int64_t D, int64_t max_keys, int64_t threads) {
-    return attention_work(B, H, D, max_keys, threads);
+    return attention_work(B, H, D, max_keys, threads) + threads * (H * D + D);
 }
 
 /* Whether bfloat16 scores take AMX tiles here (the CPU has them and Linux grants the tile state). */
 int paged_decode_amx(void) { return attention_init(); }
 
-void paged_decode(const float *q, const void *k_cache, const void *v_cache, int cache_bf16, const int64_t *tables,
-                  int64_t width, const int64_t *lens, const int64_t *lo, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                  int64_t BS, float scale, int threads, float *work, float *out) {
+void paged_decode(const void *q, int io_bf16, const void *k_cache, const void *v_cache, int cache_bf16,
+                  const int64_t *tables, int64_t width, const int64_t *lens, const int64_t *lo, int64_t B, int64_t H,
+                  int64_t Hkv, int64_t D, int64_t BS, float scale, int threads, float *work, void *out) {
     int64_t max_keys = 1;
     for (int64_t b = 0; b < B; b++)
         if (lens[b] - lo[b] > max_keys) max_keys = lens[b] - lo[b];
     const int64_t splits = key_splits(B, threads, max_keys), G = H / Hkv;
     attention_init();
     float *parts = work + (int64_t)threads * (attend_scratch(H, D, max_keys) + 2);
+    float *io = work + attention_work(B, H, D, max_keys, threads);  /* per thread: a query [H, D], an output [D] */
     #pragma omp parallel num_threads(threads)
     {
-        float *sc = work + (int64_t)omp_get_thread_num() * (attend_scratch(H, D, max_keys) + 2);
+        const int me = omp_get_thread_num();
+        float *sc = work + (int64_t)me * (attend_scratch(H, D, max_keys) + 2), *qf = io + me * (H * D + D);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < B * splits; t++) {
             const int64_t b = t / splits, part = t % splits, n = lens[b] - lo[b];
             const int64_t j0 = lo[b] + n * part / splits, j1 = lo[b] + n * (part + 1) / splits;
             float *pm = parts + t * H * (D + 2);
-            attend(q + b * H * D, k_cache, v_cache, cache_bf16, tables + b * width, BS, Hkv, G, D, j0, j1, scale, sc,
-                   pm, pm + H, pm + 2 * H);
+            const float *qb = (const float *)q + b * H * D;
+            if (io_bf16) {
+                for (int64_t i = 0; i < H * D; i++) qf[i] = widen_bf16(((const uint16_t *)q)[b * H * D + i]);
+                qb = qf;
+            }
+            attend(qb, k_cache, v_cache, cache_bf16, tables + b * width, BS, Hkv, G, D, j0, j1, scale, sc, pm, pm + H,
+                   pm + 2 * H);
         }
         #pragma omp for schedule(static)
-        for (int64_t u = 0; u < B * H; u++)
-            merge_shares(parts + (u / H) * splits * H * (D + 2), splits, H, D, u % H, out + u * D);
+        for (int64_t u = 0; u < B * H; u++) {
+            float *o = io_bf16 ? qf + H * D : (float *)out + u * D;
+            merge_shares(parts + (u / H) * splits * H * (D + 2), splits, H, D, u % H, o);
+            if (io_bf16)
+                for (int64_t d = 0; d < D; d++) ((uint16_t *)out)[u * D + d] = round_bf16(o[d]);
+        }
     }
 }
 

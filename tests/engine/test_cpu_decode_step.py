@@ -253,3 +253,71 @@ def test_8_bit_models_take_the_fused_step_with_the_same_log_probabilities(scheme
     assert calls and max(calls) > 1
     # the same products (W8A8: the same per-row activation codes) in both paths
     assert_agree(fused, plain, dtype, 1e-3)
+
+
+def test_more_than_16_rows_on_amx_equal_the_same_rows_in_smaller_steps():
+    """Dense bfloat16 steps of 17-64 rows multiply on AMX tiles (matvec_amx: the weights as tiles straight
+    from their rows); the same queries in steps of at most 16 rows take the vdpbf16ps dot products. Both
+    round the inputs to bfloat16 and sum in float32: the same result up to the order of the sums."""
+    from effllm.kernels.cpu.build import cpu_features
+
+    if not {"amx_tile", "amx_bf16"} <= cpu_features():
+        pytest.skip("no AMX on this CPU")
+    assert kernel.decode_step_amx()
+    gen = torch.Generator().manual_seed(3)
+    hidden, heads, kv, d, inter, layers, bs, rows = 128, 4, 2, 32, 160, 2, 4, 40
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.1).bfloat16()
+
+    weights = dict(
+        w_qkv=[w(heads * d + 2 * kv * d, hidden) for _ in range(layers)],
+        b_qkv=[torch.randn(heads * d + 2 * kv * d, generator=gen) for _ in range(layers)],
+        w_o=[w(hidden, heads * d) for _ in range(layers)],
+        b_o=[None] * layers,
+        w_gu=[w(2 * inter, hidden) for _ in range(layers)],
+        b_gu=[None] * layers,
+        w_down=[w(hidden, inter) for _ in range(layers)],
+        b_down=[torch.randn(hidden, generator=gen) for _ in range(layers)],
+        norm_in=[torch.rand(hidden, generator=gen) + 0.5 for _ in range(layers)],
+        norm_post=[torch.rand(hidden, generator=gen) + 0.5 for _ in range(layers)],
+    )
+    x0 = torch.randn(rows, hidden, generator=gen)
+    lens = torch.randint(1, 3 * bs, (rows,), generator=gen)
+    pos = lens - 1
+    freqs = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().contiguous(), emb.sin().contiguous()
+    tables = torch.arange(rows * 3).view(rows, 3)  # three blocks of its own per row
+    slots = tables[torch.arange(rows), pos // bs] * bs + pos % bs
+    history = torch.randn(rows * 3, bs, kv, d, generator=gen).bfloat16()  # earlier keys and values
+
+    results = []
+    for step in (rows, 16):  # one step of 40 rows (AMX); steps of 16, 16 and 8 rows (dot products)
+        k = [history.clone() for _ in range(layers)]
+        v = [history.flip(0).clone() for _ in range(layers)]
+        pointers = kernel.LayerPointers(**weights, k_cache=k, v_cache=v)
+        x = x0.clone()
+        for r0 in range(0, rows, step):
+            part = slice(r0, r0 + step)
+            xs = x[part].contiguous()
+            kernel.decode_step(
+                xs,
+                cos[part].contiguous(),
+                sin[part].contiguous(),
+                pointers,
+                slots=slots[part],
+                block_tables=tables[part].contiguous(),
+                lens=lens[part].contiguous(),
+                windows=torch.tensor([-1, 5]),
+                num_heads=heads,
+                intermediate_size=inter,
+                eps=1e-5,
+                scale=d**-0.5,
+                threads=2,
+            )
+            x[part] = xs
+        results.append((x, torch.stack(k).float(), torch.stack(v).float()))
+    assert not torch.equal(results[0][0], x0)
+    for got, expected in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)

@@ -7,7 +7,8 @@ layer in one OpenMP region instead (the CPU counterpart of the CUDA graphs `cuda
 
 A step takes this path when the engine runs the CPU's paged attention backend (an explicitly chosen
 backend keeps its own attention), every request decodes one token, there are at most
-`--cpu-fused-decode` of them and the model still is what the kernel was set up for: float32 or bfloat16 dense linears,
+`--cpu-fused-decode` of them (up to 64 for dense bfloat16 models on a CPU with AMX, whose products take
+AMX tiles there; 16 otherwise) and the model still is what the kernel was set up for: float32 or bfloat16 dense linears,
 palettized ones (`PalettizedLinear`, one bit width), symmetric 4-bit ones (`QuantizedLinear` W4A16, groups of
 32-128, on CPUs with AVX-512 BF16) or 8-bit ones per channel (W8A16, W8A8), with q/k/v and gate/up
 fused (`models/fused_projections`), a float32 or bfloat16 KV cache of the model's dtype, SiLU, no hooks
@@ -25,8 +26,10 @@ from effllm.engine.kv_cache import PagedKVCache
 from effllm.engine.step_layout import StepLayout
 from effllm.kernels.cpu_decode_step import (
     MAX_ROWS,
+    MAX_ROWS_AMX,
     LayerPointers,
     decode_step,
+    decode_step_amx,
     decode_step_available,
     decode_step_dpbf16,
 )
@@ -87,8 +90,8 @@ def _w8_fits(linears) -> bool:
 
 
 class CPUDecodeStep:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, max_rows: int = MAX_ROWS):
-        self.model, self.cache, self.max_rows = model, cache, min(max_rows, MAX_ROWS)
+    def __init__(self, model: CausalLM, cache: PagedKVCache, max_rows: int = MAX_ROWS_AMX):
+        self.model, self.cache, self.max_rows = model, cache, min(max_rows, MAX_ROWS_AMX)
         c = model.config
         self.windows = torch.tensor([w or -1 for w in c.sliding_windows], dtype=torch.int64)
         self.scale = c.head_dim**-0.5
@@ -96,7 +99,9 @@ class CPUDecodeStep:
         self._layers: LayerPointers | None = None
 
     @classmethod
-    def build(cls, model: CausalLM, cache: PagedKVCache, max_rows: int = MAX_ROWS) -> CPUDecodeStep | None:
+    def build(
+        cls, model: CausalLM, cache: PagedKVCache, max_rows: int = MAX_ROWS_AMX
+    ) -> CPUDecodeStep | None:
         """The fused step for `model`, or None when it cannot run it (see the module docstring)."""
         c = model.config
         suitable = (
@@ -110,7 +115,24 @@ class CPUDecodeStep:
             and decode_step_available()
         )
         step = cls(model, cache, max_rows) if suitable else None
-        return step if step is not None and step._tensors() is not None else None
+        tensors = step._tensors() if step is not None else None
+        if tensors is None:
+            return None
+        if not step._amx_products(tensors):  # the dot-product kernels win only up to MAX_ROWS rows
+            step.max_rows = min(step.max_rows, MAX_ROWS)
+        return step
+
+    def _amx_products(self, tensors: list[tuple]) -> bool:
+        """Whether the kernel multiplies on AMX tiles above MAX_ROWS rows: dense bfloat16 weights whose
+        inputs (hidden, q, intermediate sizes) are multiples of 32, on a CPU with AMX-BF16."""
+        c = self.model.config
+        sizes = (c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size)
+        return (
+            tensors[0][1].kind == "dense"
+            and self.model.dtype == torch.bfloat16
+            and all(size % 32 == 0 for size in sizes)
+            and decode_step_amx()
+        )
 
     def _tensors(self) -> list[tuple] | None:
         """Per layer the tensors the kernel reads (weights, biases, norms) and what else a compressed layer

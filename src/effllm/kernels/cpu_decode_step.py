@@ -16,7 +16,8 @@ import torch
 
 from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
-MAX_ROWS = 16  # the kernel's MAX_ROWS: most queries per call
+MAX_ROWS = 16  # the kernel's MAX_ROWS_DOT: most queries per call
+MAX_ROWS_AMX = 64  # its MAX_ROWS: dense bfloat16 weights where AMX runs the products (`decode_step_amx`)
 KINDS = ("dense", "palettized", "w4", "w8", "w8a8")  # the kernel's W_KIND
 _p, _pp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
 _ARGS = [_p, _p, _p, _p, _p] + [_pp] * 12 + [_p, _p, _p, _p, _pp, _pp, _p]
@@ -26,6 +27,7 @@ _FUNCTIONS = {
     "decode_step": (_ARGS, None),
     "decode_step_work": ([_p], ctypes.c_int64),
     "decode_step_dpbf16": ([], ctypes.c_int),
+    "decode_step_amx": ([], ctypes.c_int),
 }
 
 
@@ -47,6 +49,13 @@ def decode_step_dpbf16() -> bool:
     """Whether the compiled step has AVX-512 BF16 dot products (bfloat16 and 4-bit weights' fast paths)."""
     lib = _library()
     return lib is not None and bool(lib.decode_step_dpbf16())
+
+
+def decode_step_amx() -> bool:
+    """Whether the compiled step runs dense bfloat16 products of more than MAX_ROWS rows on AMX tiles (up
+    to MAX_ROWS_AMX): AMX-BF16 on this CPU, and Linux granted the process the tile state."""
+    lib = _library()
+    return lib is not None and bool(lib.decode_step_amx())
 
 
 def _array(tensors: list[torch.Tensor | None]) -> ctypes.Array:

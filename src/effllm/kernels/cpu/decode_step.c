@@ -35,18 +35,36 @@
 #define HAVE_DPBF16 1
 #endif
 
-#define MAX_ROWS 16
+#define MAX_ROWS 64   /* dense bfloat16 weights on AMX (matvec_amx); 16 for every other kind (MAX_ROWS_DOT) */
+#define MAX_ROWS_DOT 16
 
 enum { L_, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, BLOCK, WIDTH, ROWS, W_BF16, CACHE_BF16, THREADS, MAX_KEYS,
        W_KIND, PAL_BITS, TABLE_BF16, W4_GROUP, NDIMS };
 enum { DENSE, PALETTIZED, W4, W8, W8A8 }; /* W_KIND */
+
+/* Scratch of matvec_amx, in floats: the input in AMX's pair layout (K / 32 blocks of MB 1 KB tiles) and
+   per thread four 16 x 16 float32 tiles. */
+static inline int64_t amx_work(int64_t B, int64_t K, int64_t threads) {
+    return K * ((B + 15) / 16) * 8 + threads * 1024 + 32;
+}
+
+/* Whether dense bfloat16 steps of more than MAX_ROWS_DOT rows run here (matvec_amx): AMX-BF16 and the tile
+   state granted. */
+int decode_step_amx(void) {
+#ifdef EFFLLM_AMX
+    return attention_init();
+#else
+    return 0;
+#endif
+}
 
 int64_t decode_step_work(const int64_t *dims) {  /* floats of `work` decode_step needs */
     const int64_t B = dims[ROWS], hidden = dims[HIDDEN], H = dims[HEADS], Hkv = dims[KV_HEADS], D = dims[HEAD_DIM];
     const int64_t inter = dims[INTER], q_dim = H * D, qkv_n = q_dim + 2 * Hkv * D;
     const int64_t widest = hidden > q_dim ? (hidden > inter ? hidden : inter) : (q_dim > inter ? q_dim : inter);
     return B * (widest + qkv_n + q_dim + 2 * inter) + attention_work(B, H, D, dims[MAX_KEYS], dims[THREADS])
-           + (B * widest + 1) / 2 + 1 + (dims[W_KIND] >= W4 ? B * widest + 16 : 0);
+           + (B * widest + 1) / 2 + 1 + (dims[W_KIND] >= W4 ? B * widest + 16 : 0)
+           + (B > MAX_ROWS_DOT ? amx_work(B, widest, dims[THREADS]) : 0);
 }
 
 int decode_step_dpbf16(void) {
@@ -142,6 +160,71 @@ static void matvec(const void *w, int w_bf16, const float *bias, const float *x,
         store_column(acc, bias, n, B, y, y_stride, accumulate);
     }
 }
+
+#ifdef EFFLLM_AMX
+/* matvec's contract for bfloat16 weights and 17-64 rows with AMX tiles (K a multiple of 32). Per block of 16
+   weight rows, C^T [16 outputs, 16 rows] += W [16 outputs, 32 columns] x X^T: the weights are the A operand,
+   tile-loaded straight from their [N, K] rows (no repacked copy), the input the B operand in AMX's pair
+   layout xt (built once per product by the team: [K / 32][MB][16 pairs][16 rows][2]). The weights stream
+   once; each tile feeds MB = B / 16 products. Output columns past the last full block take dot_bf16. */
+static void matvec_amx(const uint16_t *w, const float *bias, const float *x, const uint16_t *xb, int64_t B,
+                       int64_t K, int64_t N, float *y, int64_t y_stride, int accumulate, uint16_t *xt, float *cbuf) {
+    const int64_t MB = (B + 15) / 16, KB = K / 32, NB = N / 16;
+    #pragma omp for schedule(static)
+    for (int64_t kb = 0; kb < KB; kb++)
+        for (int64_t mb = 0; mb < MB; mb++) {
+            uint32_t *tile = (uint32_t *)(xt + (kb * MB + mb) * 512);
+            for (int64_t r = 0; r < 16; r++)
+                for (int64_t m = 0; m < 16; m++) {
+                    const int64_t row = mb * 16 + m;
+                    uint32_t pair = 0;
+                    if (row < B) memcpy(&pair, xb + row * K + kb * 32 + 2 * r, 4);
+                    tile[r * 16 + m] = pair;
+                }
+        }  /* the implied barrier: every thread reads all of xt */
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 6; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+    float *cs = cbuf + (int64_t)omp_get_thread_num() * 1024;
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    #pragma omp for schedule(static) nowait
+    for (int64_t nb = 0; nb < NB; nb++) {
+        const uint16_t *wb = w + nb * 16 * K;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t kb = 0; kb < KB; kb++) {
+            const uint16_t *xk = xt + kb * MB * 512;
+            _tile_loadd(4, wb + kb * 32, K * 2);
+            _tile_loadd(5, xk, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            if (MB > 1) { _tile_loadd(5, xk + 512, 64); _tile_dpbf16ps(1, 4, 5); }
+            if (MB > 2) { _tile_loadd(5, xk + 1024, 64); _tile_dpbf16ps(2, 4, 5); }
+            if (MB > 3) { _tile_loadd(5, xk + 1536, 64); _tile_dpbf16ps(3, 4, 5); }
+        }
+        _tile_stored(0, cs, 64);
+        if (MB > 1) _tile_stored(1, cs + 256, 64);
+        if (MB > 2) _tile_stored(2, cs + 512, 64);
+        if (MB > 3) _tile_stored(3, cs + 768, 64);
+        const __m512 bv = bias ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
+        for (int64_t b = 0; b < B; b++) {  /* row b of the output: column b % 16 of tile b / 16 */
+            __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, cs + (b / 16) * 256 + b % 16, 4), bv);
+            float *yr = y + b * y_stride + nb * 16;
+            if (accumulate) v = _mm512_add_ps(v, _mm512_loadu_ps(yr));
+            _mm512_storeu_ps(yr, v);
+        }
+    }
+    _tile_release();
+    #pragma omp for schedule(static)
+    for (int64_t n = NB * 16; n < N; n++) {
+        float acc[MAX_ROWS];
+        for (int64_t b0 = 0; b0 < B; b0 += 4)
+            dot_bf16(w + n * K, x + b0 * K, xb + b0 * K, K, B - b0 < 4 ? (int)(B - b0) : 4, acc + b0);
+        store_column(acc, bias, n, B, y, y_stride, accumulate);
+    }
+}
+#endif
 
 /* A palettized matrix: its planes, palette table, each row's palette and the index constants. */
 typedef struct {
@@ -280,6 +363,8 @@ typedef struct {
     const int32_t *rowsum;
     uint16_t *xw; /* scratch for the input's layout (4-bit) or codes (W8A8) */
     float *xs;    /* and its group sums (4-bit) or steps (W8A8) */
+    uint16_t *xt; /* dense bfloat16 on AMX: the input's pair layout (matvec_amx), or NULL */
+    float *cbuf;  /* and the threads' output tiles */
 } matrix_extra;
 
 /* The product of matrix m (0 q/k/v, 1 o, 2 gate/up, 3 down) of a layer: dense, palettized or 4-bit. */
@@ -290,6 +375,10 @@ static inline void layer_matvec(const void *w, int w_bf16, const matrix_extra *e
     else if (e->kind == W4) matvec_w4(w, e->scale, e->scale_bf16, e->group, bias, x, e->xw, e->xs, B, K, N, y, y_stride, accumulate);
     else if (e->kind == W8 || e->kind == W8A8)
         matvec_w8(w, e->scale, e->scale_bf16, e->rowsum, bias, x, (uint8_t *)e->xw, e->xs, B, K, N, y, y_stride, accumulate);
+#ifdef EFFLLM_AMX
+    else if (w_bf16 && xb && B > MAX_ROWS_DOT && e->xt && K % 32 == 0)
+        matvec_amx(w, bias, x, xb, B, K, N, y, y_stride, accumulate, e->xt, e->cbuf);
+#endif
     else matvec(w, w_bf16, bias, x, xb, B, K, N, y, y_stride, accumulate);
 }
 
@@ -374,6 +463,16 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
             extras[i] = (matrix_extra){NULL, w_kind, matrix_tables[i], table_bf16, dims[W4_GROUP],
                                        w_kind == W8A8 ? row_palettes[i] : NULL, xw, xs};
     }
+#ifdef EFFLLM_AMX
+    if (w_kind == DENSE && w_bf16 && xbw && B > MAX_ROWS_DOT && amx_state == 1) {  /* the last amx_work floats */
+        float *amx = work + decode_step_work(dims) - amx_work(B, widest, threads);
+        amx = (float *)(((uintptr_t)amx + 63) & ~(uintptr_t)63);
+        for (int64_t i = 0; i < L * 4; i++) {
+            extras[i].xt = (uint16_t *)amx;
+            extras[i].cbuf = amx + widest * ((B + 15) / 16) * 8;
+        }
+    }
+#endif
 #define EXTRA(m) (extras + l * 4 + (m))
 
     #pragma omp parallel num_threads(threads)
@@ -428,11 +527,15 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
             rms_norm(x, norm_post[l], B, hidden, eps, xn, xbw);
             layer_matvec(w_gu[l], w_bf16, EXTRA(2), b_gu[l], xn, xbw, B, hidden, 2 * inter, gu, 2 * inter, 0);
             #pragma omp for schedule(static)
-            for (int64_t u = 0; u < B * inter; u++) {
-                const int64_t b = u / inter, i = u % inter;
-                const float g = gu[b * 2 * inter + i], a = g / (1.f + expf(-g)) * gu[b * 2 * inter + inter + i];
-                xn[b * inter + i] = a;
-                if (xbw) xbw[b * inter + i] = round_bf16(a);
+            for (int64_t b = 0; b < B; b++) {
+                const float *gr = gu + b * 2 * inter, *ur = gr + inter;
+                float *ar = xn + b * inter;
+                for (int64_t i = 0; i < inter; i++) {  /* softmax_exp vectorises, where expf is a call each */
+                    const float g = gr[i];
+                    ar[i] = g / (1.f + softmax_exp(-g < 88.f ? -g : 88.f)) * ur[i];
+                }
+                if (xbw)
+                    for (int64_t i = 0; i < inter; i++) xbw[b * inter + i] = round_bf16(ar[i]);
             }
             layer_matvec(w_down[l], w_bf16, EXTRA(3), b_down[l], xn, xbw, B, inter, hidden, x, hidden, 1);
         }

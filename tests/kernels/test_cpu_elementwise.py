@@ -96,3 +96,22 @@ def test_modules_use_the_kernels_only_without_autograd():
     with torch.no_grad():
         assert cpu_elementwise.applies(x)
         torch.testing.assert_close(norm(x), torch_rms_norm(x, norm.weight, norm.eps), rtol=1e-6, atol=1e-6)
+
+
+def test_forward_mode_ad_keeps_the_pytorch_expressions():
+    """jvp (torch.func) and dual tensors (forward_ad) need the modules' own ops: the kernels would drop the
+    tangents (forward-gradient SGD runs a jvp without autograd)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from effllm.models.layers import RMSNorm
+
+    norm = RMSNorm(16)
+    x, v = torch.randn(4, 16), torch.randn(4, 16)
+    with torch.no_grad():
+        expected = torch.func.jvp(lambda t: torch_rms_norm(t, norm.weight, norm.eps), (x,), (v,))[1]
+        got = torch.func.jvp(norm, (x,), (v,))[1]
+        torch.testing.assert_close(got, expected)
+        with fwAD.dual_level():
+            assert not cpu_elementwise.applies(fwAD.make_dual(x, v))
+            tangent = fwAD.unpack_dual(norm(fwAD.make_dual(x, v))).tangent
+        torch.testing.assert_close(tangent, expected)

@@ -15,6 +15,7 @@ import ctypes
 from functools import cache
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
@@ -36,11 +37,15 @@ def _library() -> ctypes.CDLL | None:
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether the kernels may take x: inference (no autograd) on a CPU float32/bfloat16 tensor."""
+    """Whether the kernels may take x: inference on a CPU float32/bfloat16 tensor. Not under autograd, nor
+    under forward-mode AD (a `torch.func` transform such as `jvp`, whose tensors are wrappers without
+    storage, or a `forward_ad` dual level, whose tensors carry tangents the kernels would drop)."""
     return (
         x.device.type == "cpu"
         and x.dtype in DTYPES
         and not (torch.is_grad_enabled() and x.requires_grad)
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and forward_ad._current_level < 0
         and _library() is not None
     )
 

@@ -43,6 +43,15 @@ def random_sequences(lengths, seed=1):
     return keys, values
 
 
+def compiled_decode(q, k_cache, v_cache, tables, lengths, lo, splits, scale):
+    """The compiled kernel over per-sequence block lists (padded into one table), key counts and first keys."""
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    return paged_decode_attention_cpu(
+        q, k_cache, v_cache, padded, torch.tensor(lengths), torch.tensor(lo), splits, scale
+    )
+
+
 def dense(q, k, v, window):
     """Reference: the queries are the last positions of the keys."""
     return sdpa_attention(q[None], k[None], v[None], scale=DIM**-0.5, window=window)[0]
@@ -146,18 +155,10 @@ def test_compiled_cpu_decode_matches_dense_attention(window, heads, kv_heads, th
             torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(k))]),
         )
         tables.append(blocks)
-    width = max(map(len, tables))
     lo = [0 if window is None else max(0, n - window) for n in lengths]
     q = torch.randn(len(lengths), heads, DIM, generator=gen).to(dtype)
-    got = paged_decode_attention_cpu(
-        q,
-        k_cache,
-        v_cache,
-        torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        torch.tensor(lengths),
-        torch.tensor(lo),
-        split_rows(lengths, lo, threads),
-        DIM**-0.5,
+    got = compiled_decode(
+        q, k_cache, v_cache, tables, lengths, lo, split_rows(lengths, lo, threads), DIM**-0.5
     )
     assert got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
@@ -201,22 +202,12 @@ def test_compiled_cpu_decode_at_model_head_dims(block, heads, kv_heads, dim, thr
         k_cache.view(-1, kv_heads, dim)[slots] = k
         v_cache.view(-1, kv_heads, dim)[slots] = v
         tables.append(blocks)
-    width = max(map(len, tables))
     lo = [0, 0, 3, 0, 10, 0]  # some rows start past position 0 (a sliding window)
     q = torch.randn(len(lengths), heads, dim, generator=gen)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = paged_decode_attention_cpu(
-            q,
-            k_cache,
-            v_cache,
-            torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-            torch.tensor(lengths),
-            torch.tensor(lo),
-            [],
-            dim**-0.5,
-        )
+        got = compiled_decode(q, k_cache, v_cache, tables, lengths, lo, [], dim**-0.5)
     finally:
         torch.set_num_threads(before)
     for i in range(len(lengths)):

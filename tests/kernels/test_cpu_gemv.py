@@ -74,3 +74,29 @@ def test_decode_linears_keep_parameters_state_and_outputs():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with torch.inference_mode():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_linears_under_forward_mode_ad_keep_the_tangent(dtype):
+    """torch.func.jvp without autograd (forward-gradient SGD) through a DecodeLinear, packed or not: the
+    kernels stay out (their tensors there are wrappers without storage) and the tangent is F.linear's."""
+    import torch.autograd.forward_ad as fwAD
+
+    from effllm.kernels.autodiff import differentiating
+    from effllm.models.decode_linear import DecodeLinear, prepack_bf16
+
+    layer = torch.nn.Linear(64, 48).to(dtype)
+    layer.__class__ = DecodeLinear
+    prepack_bf16(layer)
+    x, v = torch.randn(3, 64).to(dtype), torch.randn(3, 64).to(dtype)
+    with torch.no_grad():
+        assert not differentiating(x)
+        got = torch.func.jvp(layer, (x,), (v,))
+        expected = torch.func.jvp(
+            lambda t: torch.nn.functional.linear(t, layer.weight, layer.bias), (x,), (v,)
+        )
+        torch.testing.assert_close(got, expected)
+        with fwAD.dual_level():
+            assert differentiating(x)
+            tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, v))).tangent
+        torch.testing.assert_close(tangent, expected[1])

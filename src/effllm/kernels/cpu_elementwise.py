@@ -15,8 +15,8 @@ import ctypes
 from functools import cache
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 
+from effllm.kernels.autodiff import differentiating
 from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
 _p, _i, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -40,14 +40,7 @@ def applies(x: torch.Tensor) -> bool:
     """Whether the kernels may take x: inference on a CPU float32/bfloat16 tensor. Not under autograd, nor
     under forward-mode AD (a `torch.func` transform such as `jvp`, whose tensors are wrappers without
     storage, or a `forward_ad` dual level, whose tensors carry tangents the kernels would drop)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in DTYPES
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and forward_ad._current_level < 0
-        and _library() is not None
-    )
+    return x.device.type == "cpu" and x.dtype in DTYPES and not differentiating(x) and _library() is not None
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int] | None:

@@ -16,6 +16,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from effllm.kernels.autodiff import differentiating
 from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
 # Most rows (tokens) for which the kernel beats F.linear, by weight dtype; bfloat16 weights with bfloat16
@@ -68,7 +69,8 @@ def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
         weight.device.type == "cpu"
         and rows <= most
         and weight.is_contiguous()
-        and not torch.is_grad_enabled()
+        and not torch.is_grad_enabled()  # F.linear's backward, even for inputs that need no grad
+        and not differentiating(x)  # torch.func transforms, forward-mode AD
         and gemv_available()
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effllm.kernels.autodiff import differentiating
 from effllm.kernels.cpu_gemv import linear, uses_kernel
 from effllm.kernels.cpu_packed_linear import PackedWeight, packed_bf16_available
 
@@ -24,6 +25,7 @@ class DecodeLinear(nn.Linear):
             packed is not None
             and x.dtype == torch.bfloat16
             and not torch.is_grad_enabled()
+            and not differentiating(x)
             and packed.matches(self.weight)
             and not uses_kernel(x, self.weight)
         ):

@@ -59,6 +59,13 @@ static inline float softmax_exp(float x) {  /* as in paged_decode.c: a vectorisa
     return p * two_n;
 }
 
+/* SiLU, g sigmoid(g), through softmax_exp (which vectorises, where expf is a call per element); exp(-g) is
+   capped at e^88, below float's overflow: for g < -88 the result is g e^-88 (under 1e-36 in magnitude) where
+   expf's would be -0. */
+static inline float silu(float g) {
+    return g / (1.f + softmax_exp(-g < 88.f ? -g : 88.f));
+}
+
 #ifdef __AVX512F__
 /* softmax_exp on 16 lanes: the same reduction and polynomial, so both agree to rounding. */
 static inline __m512 softmax_exp16(__m512 x) {
@@ -338,17 +345,17 @@ static void scores_avx512(const float *q, const void *k_cache, int c_bf16, const
     else scores_avx512_body(q, k_cache, c_bf16, at, n, Hkv, G, D, scale, sc, lanes, qb);
 }
 
-/* Weighted values of HN query heads h0 .. h0 + HN - 1 (all of kv head g) over tokens ja .. jb - 1, added to
-   their outputs o: the outputs stay in registers over the tokens (HN and C constant, so the accumulators are
-   registers, not an array in memory), each token's value row widened once for them. */
+/* Weighted values of HN query heads h0 .. h0 + HN - 1 (all of kv head g) into their outputs o: the outputs
+   stay in registers over every token (HN and C constant, so the accumulators are registers, not an array in
+   memory), each token's value row widened once for them. (Chunks of 16 tokens with every kv head's heads
+   per chunk measured the same: the rows come from L2, where scores_amx asked for them.) */
 static inline __attribute__((always_inline)) void values_heads(const float *sc, const void *v_cache, int c_bf16,
-                          const int64_t *at, int64_t n, int64_t ja, int64_t jb, int64_t g, int64_t h0,
-                          const int64_t HN, const int64_t C, int64_t D, float *o) {
+                          const int64_t *at, int64_t n, int64_t g, int64_t h0, const int64_t HN, const int64_t C,
+                          int64_t D, float *o) {
     __m512 acc[24];
-    for (int64_t hh = 0; hh < HN; hh++)
-        for (int64_t c = 0; c < C; c++) acc[hh * C + c] = _mm512_loadu_ps(o + (h0 + hh) * D + 16 * c);
+    for (int64_t i = 0; i < HN * C; i++) acc[i] = _mm512_setzero_ps();
     const float *w0 = sc + h0 * n;
-    for (int64_t j = ja; j < jb; j++) {
+    for (int64_t j = 0; j < n; j++) {
         __m512 v[16];
         for (int64_t c = 0; c < C; c++) v[c] = load16(v_cache, c_bf16, at[j] + g * D + 16 * c);
         for (int64_t hh = 0; hh < HN; hh++) {
@@ -360,29 +367,23 @@ static inline __attribute__((always_inline)) void values_heads(const float *sc, 
         for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(o + (h0 + hh) * D + 16 * c, acc[hh * C + c]);
 }
 
-#define VALUES_CHUNK 16  /* tokens: every kv head's part of a chunk's rows is read while the rows are in L1 */
-
-/* Weighted values into o (zeroed), VALUES_CHUNK tokens at a time, within a chunk a kv head at a time, its
-   G query heads in register-sized groups (24 accumulators). */
+/* Weighted values, a kv head at a time, its G query heads in register-sized groups (24 accumulators). */
 static inline __attribute__((always_inline)) void values_avx512_body(const float *sc, const void *v_cache, int c_bf16, const int64_t *at, int64_t n,
                           int64_t Hkv, int64_t G, const int64_t D, float *o) {
     const int64_t C = D / 16, per = 24 / C < 1 ? 1 : 24 / C;
-    for (int64_t ja = 0; ja < n; ja += VALUES_CHUNK) {
-        const int64_t jb = n - ja < VALUES_CHUNK ? n : ja + VALUES_CHUNK;
-        for (int64_t g = 0; g < Hkv; g++)
-            for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += per) {
-                const int64_t hn = (g + 1) * G - h0 < per ? (g + 1) * G - h0 : per;
-#define EFFLLM_VALUES(HN) case HN: values_heads(sc, v_cache, c_bf16, at, n, ja, jb, g, h0, HN, C, D, o); break;
-                if (C == 4) {  /* head dim 64: up to 6 heads a pass */
-                    switch (hn) { EFFLLM_VALUES(1) EFFLLM_VALUES(2) EFFLLM_VALUES(3) EFFLLM_VALUES(4) EFFLLM_VALUES(5) EFFLLM_VALUES(6) }
-                } else if (C == 8) {  /* head dim 128: up to 3 */
-                    switch (hn) { EFFLLM_VALUES(1) EFFLLM_VALUES(2) EFFLLM_VALUES(3) }
-                } else {
-                    for (int64_t hh = 0; hh < hn; hh++) values_heads(sc, v_cache, c_bf16, at, n, ja, jb, g, h0 + hh, 1, C, D, o);
-                }
-#undef EFFLLM_VALUES
+    for (int64_t g = 0; g < Hkv; g++)
+        for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += per) {
+            const int64_t hn = (g + 1) * G - h0 < per ? (g + 1) * G - h0 : per;
+#define EFFLLM_VALUES(HN) case HN: values_heads(sc, v_cache, c_bf16, at, n, g, h0, HN, C, D, o); break;
+            if (C == 4) {  /* head dim 64: up to 6 heads a pass */
+                switch (hn) { EFFLLM_VALUES(1) EFFLLM_VALUES(2) EFFLLM_VALUES(3) EFFLLM_VALUES(4) EFFLLM_VALUES(5) EFFLLM_VALUES(6) }
+            } else if (C == 8) {  /* head dim 128: up to 3 */
+                switch (hn) { EFFLLM_VALUES(1) EFFLLM_VALUES(2) EFFLLM_VALUES(3) }
+            } else {
+                for (int64_t hh = 0; hh < hn; hh++) values_heads(sc, v_cache, c_bf16, at, n, g, h0 + hh, 1, C, D, o);
             }
-    }
+#undef EFFLLM_VALUES
+        }
 }
 
 static void values_avx512(const float *sc, const void *v_cache, int c_bf16, const int64_t *at, int64_t n,
@@ -393,15 +394,15 @@ static void values_avx512(const float *sc, const void *v_cache, int c_bf16, cons
 }
 #endif
 
-/* One share of one sequence's keys, positions j0 .. j1 - 1, for all H = Hkv G query heads q [H, D]: per
-   head its maximum score m, sum of exp(score - m) l and the unnormalised output o [H, D] =
-   sum_j exp(score_j - m) v_j. `sc` is scratch of attend_scratch(H, n) floats. */
 /* The `lanes` scratch: 16 partial sums per (head, token) of 16 tokens for scores_avx512; for scores_amx its
    tile stores [16, H] and a copy of 16 key rows (at most H D channels each). */
 static inline int64_t lanes_size(int64_t H, int64_t D) {
     return H * 256 > 16 * H + 8 * H * D ? H * 256 : 16 * H + 8 * H * D;
 }
 
+/* One share of one sequence's keys, positions j0 .. j1 - 1, for all H = Hkv G query heads q [H, D]: per
+   head its maximum score m, sum of exp(score - m) l and the unnormalised output o [H, D] =
+   sum_j exp(score_j - m) v_j. `sc` is scratch of attend_scratch(H, D, n) floats. */
 static inline int64_t attend_scratch(int64_t H, int64_t D, int64_t n) {
     return H * n + lanes_size(H, D) + (H * D + 1) / 2 + 2 * n + 4;  /* scores, lanes, bfloat16 queries, offsets */
 }

@@ -530,10 +530,7 @@ void decode_step(const int64_t *dims, const float *fparams, float *x, const floa
             for (int64_t b = 0; b < B; b++) {
                 const float *gr = gu + b * 2 * inter, *ur = gr + inter;
                 float *ar = xn + b * inter;
-                for (int64_t i = 0; i < inter; i++) {  /* softmax_exp vectorises, where expf is a call each */
-                    const float g = gr[i];
-                    ar[i] = g / (1.f + softmax_exp(-g < 88.f ? -g : 88.f)) * ur[i];
-                }
+                for (int64_t i = 0; i < inter; i++) ar[i] = silu(gr[i]) * ur[i];
                 if (xbw)
                     for (int64_t i = 0; i < inter; i++) xbw[b * inter + i] = round_bf16(ar[i]);
             }

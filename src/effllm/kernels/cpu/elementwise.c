@@ -11,7 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include "attention.h" /* widen_bf16, round_bf16, softmax_exp */
+#include "attention.h" /* widen_bf16, round_bf16, silu, softmax_exp16 */
 
 static inline float load_x(const void *p, int bf16, int64_t i) {
     return bf16 ? widen_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -133,7 +133,7 @@ void silu_mul(const void *gate_up, void *out, int64_t rows, int64_t n, int bf16,
 #endif
         for (int64_t i = i0; i < n; i++) {
             const float g = load_x(gate_up, bf16, r * 2 * n + i), u = load_x(gate_up, bf16, r * 2 * n + n + i);
-            float s = g / (1.f + softmax_exp(-g > 88.f ? 88.f : -g));
+            float s = silu(g);
             if (bf16) s = widen_bf16(round_bf16(s));
             store_x(out, bf16, r * n + i, s * u);
         }

@@ -265,7 +265,7 @@ def test_more_than_16_rows_on_amx_equal_the_same_rows_in_smaller_steps():
         pytest.skip("no AMX on this CPU")
     assert kernel.decode_step_amx()
     gen = torch.Generator().manual_seed(3)
-    hidden, heads, kv, d, inter, layers, bs, rows = 128, 4, 2, 32, 160, 2, 4, 40
+    hidden, heads, kv, d, inter, layers, bs, rows = 128, 4, 2, 32, 160, 2, 4, 52  # 4 tiles, the last partial
 
     def w(*shape):
         return (torch.randn(*shape, generator=gen) * 0.1).bfloat16()
@@ -293,7 +293,7 @@ def test_more_than_16_rows_on_amx_equal_the_same_rows_in_smaller_steps():
     history = torch.randn(rows * 3, bs, kv, d, generator=gen).bfloat16()  # earlier keys and values
 
     results = []
-    for step in (rows, 16):  # one step of 40 rows (AMX); steps of 16, 16 and 8 rows (dot products)
+    for step in (rows, 16):  # one step of 52 rows (AMX); steps of 16, 16, 16 and 4 rows (dot products)
         k = [history.clone() for _ in range(layers)]
         v = [history.flip(0).clone() for _ in range(layers)]
         pointers = kernel.LayerPointers(**weights, k_cache=k, v_cache=v)

@@ -41,8 +41,10 @@ def main():
     for k, n in ((576, 49152), (1536, 16384)):
         linear = torch.nn.Linear(k, n, bias=False).bfloat16()
         module, x = quantized(linear, 4, 32, 16), torch.randn(1, k).bfloat16()
-        for name, fn, nbytes in (("w4a16 g32", lambda: module(x), k * n * 0.5625),
-                                 ("bf16 gemv", lambda: gemv_linear(x, linear.weight), k * n * 2)):
+        for name, fn, nbytes in (
+            ("w4a16 g32", lambda: module(x), k * n * 0.5625),
+            ("bf16 gemv", lambda: gemv_linear(x, linear.weight), k * n * 2),
+        ):
             us = timed(fn)
             print(f"{k} x {n} {name:10s} {us:8.0f} us  {nbytes / us / 1e3:5.1f} GB/s")
     linear = torch.nn.Linear(576, 1536, bias=False).bfloat16()
@@ -57,8 +59,10 @@ def main():
             dequant = timed(lambda: module(x))
             cpu_quant_gemv.MAX_ROWS.update(limits)
             dense = timed(lambda: torch.nn.functional.linear(x, linear.weight))
-            print(f"{name:10s} rows {rows:3d}: kernel {kernel:6.0f} us  dequantize+linear {dequant:6.0f} us  "
-                  f"bf16 linear {dense:6.0f} us")
+            print(
+                f"{name:10s} rows {rows:3d}: kernel {kernel:6.0f} us  dequantize+linear {dequant:6.0f} us  "
+                f"bf16 linear {dense:6.0f} us"
+            )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,18 @@ CONFIGS = [
     ("W8A16", "rtn", W8A16()),
     ("W8A8", "rtn", W8A8()),
     ("W8A8", "smoothquant", W8A8(method="smoothquant")),
-    *[(f"W4A16 g{g}", m, W4A16(group_size=g, method=m)) for g in (32, 64, 128) for m in ("rtn", "gptq", "awq")],
+    *[
+        (f"W4A16 g{g}", m, W4A16(group_size=g, method=m))
+        for g in (32, 64, 128)
+        for m in ("rtn", "gptq", "awq")
+    ],
 ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(default_model_path()))
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--words", type=int, default=None, help="score only the first N words of Persuasion")
@@ -48,8 +54,15 @@ def main() -> None:
         quantize_(model, config, calibration=None if method == "rtn" else ids, show_progress=False)
         seconds = time.perf_counter() - start
         ppl = perplexity(model, tokenizer, text).token_perplexity
-        rows.append({"scheme": scheme, "method": method, "perplexity": ppl,
-                     "change_percent": 100 * (ppl / base - 1), "quantize_seconds": seconds})
+        rows.append(
+            {
+                "scheme": scheme,
+                "method": method,
+                "perplexity": ppl,
+                "change_percent": 100 * (ppl / base - 1),
+                "quantize_seconds": seconds,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     print("\n| scheme | method | Persuasion ppl/token | change |\n|---|---|---|---|")
     for r in rows:

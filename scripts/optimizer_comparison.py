@@ -34,7 +34,9 @@ RUNS = {
 def main() -> int:
     from effllm.cli import main as effllm
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -42,7 +44,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "optimizer-comparison")
     args = parser.parse_args()
     if not (RUN / "data" / "train.txt").exists() or not (RUN / "tokenizer").exists():
-        sys.exit("no training text or tokenizer: run `python scripts/default_model/build.py data tokenizer` first")
+        sys.exit(
+            "no training text or tokenizer: run `python scripts/default_model/build.py data tokenizer` first"
+        )
 
     results = {}
     for name in args.runs:
@@ -50,15 +54,53 @@ def main() -> int:
         out = args.out / name
         start = time.perf_counter()
         if not (out / "model.safetensors").exists():
-            rc = effllm([
-                "train", "--model-config", str(ROOT / "recipes" / "default-model" / "config.json"),
-                "--tokenizer", str(RUN / "tokenizer"), "--data", str(RUN / "data" / "train.txt"), "--out", str(out),
-                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                "--optimizer", optimizer, "--optimizer-options", *options, "--lr", str(lr),
-                "--warmup-steps", str(max(1, args.steps // 20)), "--schedule", "cosine", "--min-lr-ratio", "0.1",
-                "--weight-decay", "0.0", "--clip-grad", "1.0", "--precision", "bf16", "--eval-fraction", "0.02",
-                "--eval-every", "0", "--save-every", "0", "--seed", "0", "--log-every", "20",
-            ])
+            rc = effllm(
+                [
+                    "train",
+                    "--model-config",
+                    str(ROOT / "recipes" / "default-model" / "config.json"),
+                    "--tokenizer",
+                    str(RUN / "tokenizer"),
+                    "--data",
+                    str(RUN / "data" / "train.txt"),
+                    "--out",
+                    str(out),
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--steps",
+                    str(args.steps),
+                    "--optimizer",
+                    optimizer,
+                    "--optimizer-options",
+                    *options,
+                    "--lr",
+                    str(lr),
+                    "--warmup-steps",
+                    str(max(1, args.steps // 20)),
+                    "--schedule",
+                    "cosine",
+                    "--min-lr-ratio",
+                    "0.1",
+                    "--weight-decay",
+                    "0.0",
+                    "--clip-grad",
+                    "1.0",
+                    "--precision",
+                    "bf16",
+                    "--eval-fraction",
+                    "0.02",
+                    "--eval-every",
+                    "0",
+                    "--save-every",
+                    "0",
+                    "--seed",
+                    "0",
+                    "--log-every",
+                    "20",
+                ]
+            )
             if rc:
                 return rc
         train_s = time.perf_counter() - start
@@ -66,26 +108,42 @@ def main() -> int:
         if not eval_json.exists():
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer):
-                rc = effllm(["eval", "perplexity", "--model", str(out), "--max-length", str(args.seq_len), "--json"])
+                rc = effllm(
+                    ["eval", "perplexity", "--model", str(out), "--max-length", str(args.seq_len), "--json"]
+                )
             if rc:
                 return rc
             eval_json.write_text(buffer.getvalue())
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = [
+            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()
+        ]
         last = metrics[-1]
         ppl = json.loads(eval_json.read_text())
-        results[name] = {"optimizer": optimizer, "lr": lr, "options": options, "steps": args.steps,
-                         "tokens": last.get("tokens"), "final_train_loss": last.get("loss"),
-                         "eval_loss": last.get("eval_loss"), "persuasion": ppl, "wall_s": train_s}
+        results[name] = {
+            "optimizer": optimizer,
+            "lr": lr,
+            "options": options,
+            "steps": args.steps,
+            "tokens": last.get("tokens"),
+            "final_train_loss": last.get("loss"),
+            "eval_loss": last.get("eval_loss"),
+            "persuasion": ppl,
+            "wall_s": train_s,
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print("| optimizer | lr | steps | tokens | final train loss | held-out loss (2% split) "
-          "| Persuasion ppl/token | Persuasion ppl/word |")
+    print(
+        "| optimizer | lr | steps | tokens | final train loss | held-out loss (2% split) "
+        "| Persuasion ppl/token | Persuasion ppl/word |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         p = r["persuasion"]
-        print(f"| {name} ({' '.join(r['options'])}) | {r['lr']:g} | {r['steps']} | {r['tokens']:,} "
-              f"| {r['final_train_loss']:.3f} | {r['eval_loss']:.3f} | {p['token_perplexity']:.1f} "
-              f"| {p['word_perplexity']:.1f} |")
+        print(
+            f"| {name} ({' '.join(r['options'])}) | {r['lr']:g} | {r['steps']} | {r['tokens']:,} "
+            f"| {r['final_train_loss']:.3f} | {r['eval_loss']:.3f} | {p['token_perplexity']:.1f} "
+            f"| {p['word_perplexity']:.1f} |"
+        )
     return 0
 
 

@@ -189,8 +189,8 @@ static inline void prefetch_row(const void *cache, int c_bf16, const int64_t *at
 
 /* Request a value row into L2 while the keys are read (scores_amx, with the next 16 tokens' keys into L1),
    so that the values pass after the softmax finds its rows there: 1.88 -> 1.38 ms a layer for 64 bfloat16
-   sequences of 200-640 tokens (SmolLM-135M shape, 2 threads; the values of the current group instead of
-   the next: 1.52). With the float32 scores, which spend longer per key, it gained nothing. */
+   sequences of 200-640 tokens (scripts/bench_paged_attention.py's workload, 2 threads; the values of the
+   current group instead of the next: 1.52). With the float32 scores, slower per key, it gained nothing. */
 static inline void prefetch_values(const void *row, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T1);
 }

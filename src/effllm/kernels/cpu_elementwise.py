@@ -62,7 +62,7 @@ def _rows(x: torch.Tensor) -> tuple[int, int] | None:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight * (x / rms(x)), normalised in float32 and cast to x's dtype first (Llama's RMSNorm)."""
     layout = _rows(x)
-    if layout is None or weight.dtype != x.dtype or weight.requires_grad and torch.is_grad_enabled():
+    if layout is None or weight.dtype != x.dtype or differentiating(weight):
         return None
     rows, stride = layout
     out = torch.empty(x.shape, dtype=x.dtype)

@@ -1,8 +1,13 @@
 """The engine's contract: input checks, abort, timings, loading from a folder, configuration."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from effllm.core import huge_pages
 from effllm.core.errors import ConfigError, InputError
 from effllm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from effllm.engine.config import parse_memory
@@ -115,3 +120,33 @@ def test_the_threads_option_sets_torchs_thread_count(tiny_llama):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+_HUGE_PAGES_CHILD = """
+import torch
+from effllm.core import huge_pages
+from effllm.engine import LLM
+from effllm.models import CausalLM, ModelConfig
+
+config = ModelConfig(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+for enabled in (False, True):  # off first: nothing in this process has asked for huge pages yet
+    model = CausalLM(config).eval()  # a 4 MiB embedding, and KV tensors of 4 MiB a layer (1,024 blocks)
+    runner = LLM(model, num_kv_blocks=1023, cpu_huge_pages=enabled).engine.runner
+    tensors = (model.model.embed_tokens.weight, runner.cache.k[0], runner.cache.v[0])
+    print(enabled, [huge_pages.huge_bytes(t) > 0 for t in tensors])
+"""
+
+
+@pytest.mark.skipif(not huge_pages.available(), reason="no transparent huge pages on request here")
+def test_cpu_huge_pages_back_the_weights_and_the_kv_cache():
+    if huge_pages.collapse([torch.randn(4 * 2**20)]) == 0:
+        pytest.skip("this kernel has no MADV_COLLAPSE or no huge page free")
+    # A fresh process: glibc reuses freed memory, which earlier tests may have had made huge.
+    out = subprocess.run(
+        [sys.executable, "-c", _HUGE_PAGES_CHILD], capture_output=True, text=True, check=True
+    )
+    off, on = out.stdout.splitlines()
+    assert on == "True [True, True, True]"
+    if "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert off == "False [False, False, False]"  # (with `always`, Linux makes them huge unasked)

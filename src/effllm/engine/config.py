@@ -116,6 +116,11 @@ class EngineConfig:
         "models with a float32/bfloat16 cache of the model's dtype); at most 64 for dense bfloat16 models on "
         "a CPU with AMX, 16 for the rest; 0: off",
     )
+    cpu_huge_pages: bool = option(
+        True,
+        "on CPU (Linux), back the weights and the KV cache with 2 MiB transparent huge pages (MADV_COLLAPSE / "
+        "MADV_HUGEPAGE): fewer TLB misses while a step streams them; best-effort, results unchanged",
+    )
     cpu_prepack: bool = option(
         True,
         "on CPU, run bfloat16 linear layers above decode sizes on weights prepacked for oneDNN (AMX where the "

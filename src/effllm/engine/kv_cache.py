@@ -18,6 +18,7 @@ import logging
 import torch
 
 from effllm.core.errors import ConfigError
+from effllm.core.huge_pages import advise as advise_huge_pages
 from effllm.engine.config import CPU_MAX_KV_CACHE_BYTES, EngineConfig, parse_memory
 from effllm.kernels.kv_quant import PARAMS, code_width, dequantize_kv, kv_bits, quantize_kv, token_head_bytes
 from effllm.kernels.paged_attention import write_kv
@@ -85,14 +86,18 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
         kv_bits: int | None = None,
+        huge_pages: bool = False,
     ):
         layers, d = model_config.num_hidden_layers, model_config.head_dim
         shape = (num_blocks + 1, block_size, model_config.num_key_value_heads)
         width, store = (d, dtype) if kv_bits is None else (code_width(d, kv_bits), torch.uint8)
 
         def tensors(last: int, kind: torch.dtype) -> list[torch.Tensor]:
-            # Zeros, not empty: masked-out keys are multiplied by zero weights, and 0 * NaN garbage is NaN.
-            return [torch.zeros(*shape, last, dtype=kind, device=device) for _ in range(layers)]
+            out = [torch.empty(*shape, last, dtype=kind, device=device) for _ in range(layers)]
+            if huge_pages:  # before the first write, so that its page faults take 2 MiB pages
+                advise_huge_pages(out)
+            # Zeros, not garbage: masked-out keys are multiplied by zero weights, and 0 * NaN garbage is NaN.
+            return [t.zero_() for t in out]
 
         self.k, self.v = tensors(width, store), tensors(width, store)
         self.k_params = self.v_params = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from effllm.core import huge_pages
 from effllm.core.errors import ConfigError
 from effllm.engine.attention_backend import PagedAttention, TritonPagedAttention, make_backend
 from effllm.engine.config import EngineConfig
@@ -56,8 +57,9 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks(
             config, model.config, model.dtype, self.device, activation_bytes, kv_bits
         )
+        cpu_huge = self.device.type == "cpu" and config.cpu_huge_pages
         self.cache = PagedKVCache(
-            model.config, self.num_blocks, self.block_size, model.dtype, self.device, kv_bits
+            model.config, self.num_blocks, self.block_size, model.dtype, self.device, kv_bits, cpu_huge
         )
         self.backend = make_backend(config.attention_backend, self.cache)
         if config.sparse_linears is not None:
@@ -77,6 +79,9 @@ class ModelRunner:
         fused = config.cpu_fused_decode and not self.has_adapters
         if self.device.type == "cpu" and config.cpu_gemv and fused and paged:
             self.fused_decode = CPUDecodeStep.build(model, self.cache, config.cpu_fused_decode)
+        if cpu_huge:  # after fusing, whose concatenated weights are new memory
+            moved = huge_pages.collapse(model.state_dict(keep_vars=True).values())
+            log.debug("weights: %.0f MiB moved into huge pages", moved / 2**20)
         self.sampler = Sampler(self.device, config.seed)
         self.structured: StructuredOutputManager | None = None  # set by the engine: masks constrained rows
         # Set by the engine: (logits [R, V], the R sampling requests) -> combined logits (ULD's assistant).

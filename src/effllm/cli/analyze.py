@@ -186,7 +186,7 @@ def _add_hardware(sub) -> None:
         "--copy-mib",
         type=int,
         default=1024,
-        help="size of the streamed copy (MiB), well above the last-level cache",
+        help="size of the streamed copy and read (MiB), well above the last-level cache",
     )
     p.add_argument("--matmul-n", type=int, default=2048, help="square matmul size")
     p.add_argument("--repeats", type=int, default=5, help="timed runs; the best is kept")

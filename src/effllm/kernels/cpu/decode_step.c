@@ -29,6 +29,7 @@
 
 #include "attention.h"
 #include "palette.h"
+#include "stream.h"
 #include "w4.h"
 #include "w8.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -82,6 +83,8 @@ static inline void dot_f32(const float *w, const float *x, int64_t K, int rows, 
     __m512 a[4][2];
     for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < full; k += 32) {  /* two accumulators per row: FMA latency, not one chain */
+        stream_ahead(w + k);
+        stream_ahead(w + k + 16);
         const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
         for (int r = 0; r < rows; r++) {
             a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), a[r][0]);
@@ -108,6 +111,8 @@ static inline void dot_bf16(const uint16_t *w, const float *x, const uint16_t *x
     __m512 a[4][2];
     for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < full; k += 64) {
+        stream_ahead(w + k);
+        stream_ahead(w + k + 32);
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(w + k));
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(w + k + 32));
         for (int r = 0; r < rows; r++) {

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "stream.h"
+
 static inline float widen_bf16(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
     float f;
@@ -21,6 +23,7 @@ void NAME(const float *x, const T *w, float *y, int64_t M, int64_t N, int64_t K,
     _Pragma("omp parallel for num_threads(threads) schedule(static)") \
     for (int64_t n = 0; n < N; n++) { \
         const T *wn = w + n * K; \
+        stream_row_ahead(wn, K * (int64_t)sizeof(T)); \
         for (int64_t m = 0; m < M; m++) { \
             const float *xm = x + m * K; \
             float s = 0.f; \
@@ -57,6 +60,7 @@ void gemv_bf16_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t M, i
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t n = 0; n < N; n++) {
         const uint16_t *wn = w + n * K;
+        stream_row_ahead(wn, K * 2);
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t mr = M - m0 < 4 ? M - m0 : 4;
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};

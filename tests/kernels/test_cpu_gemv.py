@@ -36,19 +36,21 @@ def test_kernel_matches_f_linear(dtype, rows, n, k, bias):
 
 
 @pytest.mark.parametrize("k", [64, 100, 1000])
-def test_the_portable_bf16_by_bf16_path_without_avx512_agrees(k):
-    """gemv_bf16_bf16 built without AVX-512 (what other CPUs compile) against float32 math."""
+@pytest.mark.parametrize("name", ["gemv_bf16_bf16", "gemv_f32"])
+def test_the_portable_paths_without_avx512_agree(k, name):
+    """gemv_bf16_bf16 and gemv_f32 built without AVX-512 (what other CPUs compile) against float32 math."""
     from effllm.kernels.cpu.build import DEFAULT_FLAGS, load_kernel
 
     lib = load_kernel(
-        "gemv.c", {"gemv_bf16_bf16": cpu_gemv._SIGNATURE}, flags=(*DEFAULT_FLAGS, "-fopenmp", "-mno-avx512f")
+        "gemv.c", {name: cpu_gemv._SIGNATURE}, flags=(*DEFAULT_FLAGS, "-fopenmp", "-mno-avx512f")
     )
     if lib is None:
         pytest.skip("no C compiler")
+    dtype = torch.bfloat16 if name == "gemv_bf16_bf16" else torch.float32
     gen = torch.Generator().manual_seed(k)
-    w, x = torch.randn(24, k, generator=gen).bfloat16(), torch.randn(5, k, generator=gen).bfloat16()
+    w, x = torch.randn(24, k, generator=gen).to(dtype), torch.randn(5, k, generator=gen).to(dtype)
     y = torch.empty(5, 24)
-    lib.gemv_bf16_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), 5, 24, k, 1)
+    getattr(lib, name)(x.data_ptr(), w.data_ptr(), y.data_ptr(), 5, 24, k, 1)
     torch.testing.assert_close(y, x.float() @ w.float().t(), rtol=1e-4, atol=1e-4)
 
 

@@ -76,35 +76,6 @@ int decode_step_dpbf16(void) {
 #endif
 }
 
-/* Dot products of one weight row with up to 4 rows of x (rows x + r * K), the sums in s[r]. */
-static inline void dot_f32(const float *w, const float *x, int64_t K, int rows, float *s) {
-#ifdef __AVX512F__
-    const int64_t full = K & ~(int64_t)31;
-    __m512 a[4][2];
-    for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < full; k += 32) {  /* two accumulators per row: FMA latency, not one chain */
-        stream_ahead(w + k);
-        stream_ahead(w + k + 16);
-        const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
-        for (int r = 0; r < rows; r++) {
-            a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), a[r][0]);
-            a[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), a[r][1]);
-        }
-    }
-    for (int r = 0; r < rows; r++) {
-        float t = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
-        for (int64_t k = full; k < K; k++) t += x[r * K + k] * w[k];
-        s[r] = t;
-    }
-#else
-    for (int r = 0; r < rows; r++) {
-        float t = 0.f;
-        for (int64_t k = 0; k < K; k++) t += x[r * K + k] * w[k];
-        s[r] = t;
-    }
-#endif
-}
-
 static inline void dot_bf16(const uint16_t *w, const float *x, const uint16_t *xb, int64_t K, int rows, float *s) {
 #ifdef HAVE_DPBF16
     const int64_t full = K & ~(int64_t)63;

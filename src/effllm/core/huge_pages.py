@@ -82,12 +82,17 @@ def _ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
 
 
 def _madvise(ranges: list[tuple[int, int]], advice: int) -> int:
-    """madvise each range; the bytes of the ranges the kernel took. ENOMEM counts as taken: a range rounded out
-    past its mapping reports it, yet the advice applies to the part that is mapped."""
+    """madvise each huge page of the ranges on its own; the bytes the kernel took. One call per page: a page
+    rounded out into a neighbouring mapping that cannot take the advice (a guard region, a library) fails
+    alone, where one call for the whole range would stop there. ENOMEM (part of the page unmapped) counts
+    as taken for MADV_HUGEPAGE, whose advice still applies to the mapped part."""
     libc, done = _libc(), 0
     for start, end in ranges:
-        if libc.madvise(start, end - start, advice) == 0 or ctypes.get_errno() == errno.ENOMEM:
-            done += end - start
+        for page in range(start, end, HUGE_PAGE):
+            if libc.madvise(page, HUGE_PAGE, advice) == 0 or (
+                advice == MADV_HUGEPAGE and ctypes.get_errno() == errno.ENOMEM
+            ):
+                done += HUGE_PAGE
     return done
 
 
@@ -110,19 +115,21 @@ def collapse(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def huge_bytes(tensor: torch.Tensor) -> int:
-    """Bytes in huge pages of the memory mapping holding `tensor` (its AnonHugePages in /proc/self/smaps; 0
-    where unknown): how a test or a user checks `collapse` took effect."""
-    address = tensor.untyped_storage().data_ptr()
+    """Bytes in huge pages of the memory mappings that hold `tensor`'s storage (their AnonHugePages in
+    /proc/self/smaps; 0 where unknown): how a test or a user checks that `collapse` or `advise` took effect.
+    A mapping can be wider than the tensor, so this is at most an upper bound on the tensor's own share."""
+    storage = tensor.untyped_storage()
+    first, last = storage.data_ptr(), storage.data_ptr() + max(storage.nbytes(), 1)
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
         return 0
-    inside = False
+    inside, total = False, 0
     for line in lines:
         head = line.split()[0] if line else ""
         if "-" in head and ":" not in head:  # a mapping's header: "start-end perms ..."
             start, end = (int(v, 16) for v in head.split("-"))
-            inside = start <= address < end
+            inside = start < last and first < end
         elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            total += int(line.split()[1]) * 1024
+    return total

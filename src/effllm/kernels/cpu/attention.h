@@ -187,13 +187,12 @@ static inline void prefetch_row(const void *cache, int c_bf16, const int64_t *at
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
 }
 
-/* Request a value row into L2 while the keys are read (scores_amx, with the next 16 tokens' keys into L1),
-   so that the values pass after the softmax finds its rows there: 1.88 -> 1.38 ms a layer for 64 bfloat16
-   sequences of 200-640 tokens (scripts/bench_paged_attention.py's workload, 2 threads; the values of the
-   current group instead of the next: 1.52). With the float32 scores, slower per key, it gained nothing. */
-static inline void prefetch_values(const void *row, int64_t bytes) {
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T1);
-}
+/* The values pass asks for the row of its kv head VALUES_AHEAD tokens ahead. Earlier the keys pass asked for
+   the next group's value rows into L2 (1.88 -> 1.38 ms a layer over no request at all); asking from the
+   values pass itself, a head's 2 lines at a time, measured 1.26-1.31 against 1.34-1.37 ms (bfloat16) and
+   2.10-2.15 against 2.26 (float32) in scripts/bench_paged_attention.py (64 sequences of 200-640 tokens,
+   2 threads, caches on huge pages; three and two alternating runs). */
+#define VALUES_AHEAD 64
 
 /* Scores, 16 tokens at a time: each (head, token) dot product is left as 16 lanes in `lanes`, then a
    head's 16 tokens are summed together by sum16 (not one horizontal sum each). A bfloat16 cache is read
@@ -307,10 +306,8 @@ static void scores_amx(const float *q, const uint16_t *k_cache, const uint16_t *
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
         const int64_t tn = n - j0 < 16 ? n - j0 : 16;
         const uint16_t *base = k_cache + at[j0];
-        for (int64_t t = j0 + 16; t < j0 + 32 && t < n; t++) {  /* the next group's rows (see prefetch_values) */
-            prefetch_values(v_cache + at[t], row_bytes);
+        for (int64_t t = j0 + 16; t < j0 + 32 && t < n; t++)  /* the next group's keys */
             for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch((const char *)(k_cache + at[t]) + b, _MM_HINT_T0);
-        }
         if (tn < 16 || at[j0 + 15] - at[j0] != 15 * kv_dim) {  /* not 16 consecutive rows: copy them */
             for (int64_t t = 0; t < 16; t++) {
                 if (t < tn) memcpy(rows + t * kv_dim, k_cache + at[j0 + t], row_bytes);
@@ -347,16 +344,21 @@ static void scores_avx512(const float *q, const void *k_cache, int c_bf16, const
 
 /* Weighted values of HN query heads h0 .. h0 + HN - 1 (all of kv head g) into their outputs o: the outputs
    stay in registers over every token (HN and C constant, so the accumulators are registers, not an array in
-   memory), each token's value row widened once for them. (Chunks of 16 tokens with every kv head's heads
-   per chunk measured the same: the rows come from L2, where scores_amx asked for them.) */
+   memory), each token's value row widened once for them, the row VALUES_AHEAD tokens on requested. (Chunks
+   of 16 tokens with every kv head's heads per chunk measured the same.) */
 static inline __attribute__((always_inline)) void values_heads(const float *sc, const void *v_cache, int c_bf16,
                           const int64_t *at, int64_t n, int64_t g, int64_t h0, const int64_t HN, const int64_t C,
                           int64_t D, float *o) {
     __m512 acc[24];
     for (int64_t i = 0; i < HN * C; i++) acc[i] = _mm512_setzero_ps();
     const float *w0 = sc + h0 * n;
+    const int64_t width = c_bf16 ? 2 : 4;
     for (int64_t j = 0; j < n; j++) {
         __m512 v[16];
+        if (j + VALUES_AHEAD < n) {
+            const char *ahead = (const char *)v_cache + (at[j + VALUES_AHEAD] + g * D) * width;
+            for (int64_t b = 0; b < D * width; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+        }
         for (int64_t c = 0; c < C; c++) v[c] = load16(v_cache, c_bf16, at[j] + g * D + 16 * c);
         for (int64_t hh = 0; hh < HN; hh++) {
             const __m512 w = _mm512_set1_ps(w0[hh * n + j]);

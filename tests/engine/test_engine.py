@@ -10,7 +10,7 @@ import torch
 from effllm.core import huge_pages
 from effllm.core.errors import ConfigError, InputError
 from effllm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from effllm.engine.config import parse_memory
+from effllm.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, CPU_OFFLINE_MAX_NUM_BATCHED_TOKENS, parse_memory
 from effllm.engine.kv_cache import block_bytes
 from effllm.models import save_model
 from effllm.models.tokenizer_training import build_byte_level_tokenizer
@@ -103,6 +103,15 @@ def test_engine_config_checks_and_memory_sizes():
         512, torch.device("cpu")
     )
     assert unchunked.max_num_batched_tokens == 512  # a whole prompt must fit in one step
+
+
+def test_the_offline_llm_class_takes_a_larger_cpu_token_budget_than_a_serving_engine(tiny_llama):
+    assert LLM(tiny_llama).engine.config.max_num_batched_tokens == CPU_OFFLINE_MAX_NUM_BATCHED_TOKENS
+    assert LLMEngine(tiny_llama).config.max_num_batched_tokens == CPU_MAX_NUM_BATCHED_TOKENS
+    assert CPU_OFFLINE_MAX_NUM_BATCHED_TOKENS > CPU_MAX_NUM_BATCHED_TOKENS
+    assert (
+        LLM(tiny_llama, max_num_batched_tokens=256).engine.config.max_num_batched_tokens == 256
+    )  # asked: kept
 
 
 def test_kv_cache_memory_sets_the_number_of_blocks(tiny_llama):

@@ -34,8 +34,14 @@ _UNITS = {
     "tb": 1000**4,
 }
 
-# CPU: a step of 512 tokens keeps the GEMMs near peak and a step near half a second for a 135M model.
+# CPU: a step of 512 tokens keeps the GEMMs near peak and a step near half a second for a 135M model: the
+# budget of an engine that serves (`effllm serve`, `LLMEngine`), where a long step delays every running
+# request's next token. The offline `LLM` class, which runs a batch to completion, takes 2048 (as vLLM's CPU
+# build gives its LLM class 4096 and its server 2048): fewer, larger prefill chunks and more decode-only
+# steps. docs/benchmarks.md: 64 requests, SmolLM-135M shape, bf16 519-541 -> 589-605 output tok/s, fp32
+# 189 -> 194 (4096: 614 and 194).
 CPU_MAX_NUM_BATCHED_TOKENS = 512
+CPU_OFFLINE_MAX_NUM_BATCHED_TOKENS = 2048
 CPU_MAX_NUM_SEQS = 64
 CPU_MAX_KV_CACHE_BYTES = 2 * 1024**3
 SPECULATIVE_METHODS = ("ngram", "draft", "early-exit")
@@ -73,8 +79,8 @@ class EngineConfig:
     num_kv_blocks: int | None = option(None, "exact number of KV-cache blocks, overriding --kv-cache-memory")
     max_num_batched_tokens: int | None = option(
         None,
-        "token budget of one step, decodes and prefill chunks together (default: 512 on CPU, 8192 or 16384 "
-        "on CUDA)",
+        "token budget of one step, decodes and prefill chunks together (default on CPU: 512, and 2048 for the "
+        "offline LLM class; 8192 or 16384 on CUDA)",
     )
     max_num_seqs: int | None = option(
         None, "most sequences running at once (default: 64 on CPU, 256 or 1024 on CUDA)"
@@ -280,13 +286,17 @@ class EngineConfig:
             adapters[name] = path
         return adapters
 
-    def resolve(self, max_position_embeddings: int, device: torch.device) -> EngineConfig:
-        """A copy with the device-dependent defaults filled in and the limits made consistent."""
+    def resolve(
+        self, max_position_embeddings: int, device: torch.device, offline: bool = False
+    ) -> EngineConfig:
+        """A copy with the device-dependent defaults filled in and the limits made consistent; `offline` for
+        an engine that runs batches to completion (the `LLM` class), whose CPU token budget is larger."""
         gpu_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
         if device.type == "cuda":
             budget, seqs = (16384, 1024) if gpu_mem >= 70 * 1024**3 else (8192, 256)
         else:
-            budget, seqs = CPU_MAX_NUM_BATCHED_TOKENS, CPU_MAX_NUM_SEQS
+            budget = CPU_OFFLINE_MAX_NUM_BATCHED_TOKENS if offline else CPU_MAX_NUM_BATCHED_TOKENS
+            seqs = CPU_MAX_NUM_SEQS
         max_model_len = self.max_model_len or max_position_embeddings
         if max_model_len > max_position_embeddings:
             raise ConfigError(

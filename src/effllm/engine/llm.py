@@ -26,10 +26,11 @@ from effllm.models.transformer import CausalLM
 
 class LLM:
     """An engine over `model`: a checkpoint folder or hub id, or a loaded `CausalLM` (with `tokenizer`,
-    a Tokenizer or folder, for text prompts). `engine_options` are `EngineConfig` fields."""
+    a Tokenizer or folder, for text prompts). `engine_options` are `EngineConfig` fields. It runs batches to
+    completion, so on CPU its default token budget is the offline one (`CPU_OFFLINE_MAX_NUM_BATCHED_TOKENS`)."""
 
     def __init__(self, model: CausalLM | str | os.PathLike, tokenizer: Any = None, **engine_options: Any):
-        self.engine = make_engine(model, tokenizer, **engine_options)
+        self.engine = make_engine(model, tokenizer, offline=True, **engine_options)
         self._ids = itertools.count()
         self._lock = threading.Lock()
 

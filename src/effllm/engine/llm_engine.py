@@ -83,11 +83,12 @@ class LLMEngine:
         tokenizer=None,
         config: EngineConfig | None = None,
         proposer: Proposer | None = None,
+        offline: bool = False,
     ):
         config = config or EngineConfig()
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config.resolve(model.config.max_position_embeddings, model.device)
+        self.config = config.resolve(model.config.max_position_embeddings, model.device, offline)
         # A soft prompt and LoRA adapters go into the model before the runner fuses, compiles or captures.
         self.virtual_ids = load_soft_prompt_into(model, config.soft_prompt) if config.soft_prompt else []
         self.adapters = {name: i for i, name in enumerate(load_adapters(model, self.config.lora_adapters()))}
@@ -127,16 +128,17 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str | os.PathLike, tokenizer: Any = None, **options: Any
+        cls, path_or_id: str | os.PathLike, tokenizer: Any = None, offline: bool = False, **options: Any
     ) -> LLMEngine:
-        """Load a checkpoint (folder or hub id) and its tokenizer (when the folder has one)."""
+        """Load a checkpoint (folder or hub id) and its tokenizer (when the folder has one); `offline` as in
+        `EngineConfig.resolve`."""
         config = engine_config(options)
         model = load_model(path_or_id, dtype=config.dtype, device=config.device)
         if tokenizer is None and (resolve_model_path(path_or_id) / "tokenizer.json").is_file():
             tokenizer = load_tokenizer(path_or_id)
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
-        return cls(model, tokenizer, config)
+        return cls(model, tokenizer, config, offline=offline)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -327,10 +329,13 @@ class LLMEngine:
             raise InputError("stop strings need a tokenizer; use stop_token_ids, or load the model with one")
 
 
-def make_engine(model: CausalLM | str | os.PathLike, tokenizer: Any = None, **options: Any) -> LLMEngine:
-    """An engine over an already loaded model (moved to options' dtype and device) or a checkpoint."""
+def make_engine(
+    model: CausalLM | str | os.PathLike, tokenizer: Any = None, offline: bool = False, **options: Any
+) -> LLMEngine:
+    """An engine over an already loaded model (moved to options' dtype and device) or a checkpoint; `offline`
+    as in `EngineConfig.resolve`."""
     if not isinstance(model, CausalLM):
-        return LLMEngine.from_pretrained(model, tokenizer, **options)
+        return LLMEngine.from_pretrained(model, tokenizer, offline, **options)
     config = engine_config(options)
     if config.device is not None or config.dtype is not None:
         device = parse_device(config.device) if config.device is not None else model.device
@@ -339,4 +344,4 @@ def make_engine(model: CausalLM | str | os.PathLike, tokenizer: Any = None, **op
         tokenizer = load_tokenizer(tokenizer)
     if tokenizer is not None and not hasattr(tokenizer, "encode"):
         raise ConfigError(f"tokenizer must be a Tokenizer or a folder, not {type(tokenizer).__name__}")
-    return LLMEngine(model, tokenizer, config)
+    return LLMEngine(model, tokenizer, config, offline=offline)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 import torch
@@ -80,8 +81,14 @@ class ModelRunner:
         if self.device.type == "cpu" and config.cpu_gemv and fused and paged:
             self.fused_decode = CPUDecodeStep.build(model, self.cache, config.cpu_fused_decode)
         if cpu_huge:  # after fusing, whose concatenated weights are new memory
+            start = time.perf_counter()
             moved = huge_pages.collapse(model.state_dict(keep_vars=True).values())
-            log.debug("weights: %.0f MiB moved into huge pages", moved / 2**20)
+            if moved:
+                log.info(
+                    "weights: %.0f MiB moved onto huge pages in %.1f s (--no-cpu-huge-pages to skip)",
+                    moved / 2**20,
+                    time.perf_counter() - start,
+                )
         self.sampler = Sampler(self.device, config.seed)
         self.structured: StructuredOutputManager | None = None  # set by the engine: masks constrained rows
         # Set by the engine: (logits [R, V], the R sampling requests) -> combined logits (ULD's assistant).

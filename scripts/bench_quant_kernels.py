@@ -8,6 +8,7 @@ F.linear, on a SmolLM-135M shape (576 x 1536): where `cpu_quant_gemv.MAX_ROWS` c
 """
 
 import time
+from functools import partial
 
 import torch
 
@@ -42,8 +43,8 @@ def main():
         linear = torch.nn.Linear(k, n, bias=False).bfloat16()
         module, x = quantized(linear, 4, 32, 16), torch.randn(1, k).bfloat16()
         for name, fn, nbytes in (
-            ("w4a16 g32", lambda: module(x), k * n * 0.5625),
-            ("bf16 gemv", lambda: gemv_linear(x, linear.weight), k * n * 2),
+            ("w4a16 g32", partial(module, x), k * n * 0.5625),
+            ("bf16 gemv", partial(gemv_linear, x, linear.weight), k * n * 2),
         ):
             us = timed(fn)
             print(f"{k} x {n} {name:10s} {us:8.0f} us  {nbytes / us / 1e3:5.1f} GB/s")
@@ -54,11 +55,11 @@ def main():
         for rows in (1, 4, 8, 16, 32, 64):
             x = torch.randn(rows, 576).bfloat16()
             cpu_quant_gemv.MAX_ROWS.update({key: 10**6 for key in limits})
-            kernel = timed(lambda: module(x))
+            kernel = timed(partial(module, x))
             cpu_quant_gemv.MAX_ROWS.update({key: 0 for key in limits})
-            dequant = timed(lambda: module(x))
+            dequant = timed(partial(module, x))
             cpu_quant_gemv.MAX_ROWS.update(limits)
-            dense = timed(lambda: torch.nn.functional.linear(x, linear.weight))
+            dense = timed(partial(torch.nn.functional.linear, x, linear.weight))
             print(
                 f"{name:10s} rows {rows:3d}: kernel {kernel:6.0f} us  dequantize+linear {dequant:6.0f} us  "
                 f"bf16 linear {dense:6.0f} us"

@@ -64,10 +64,7 @@ def _ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
     for t in tensors:
         if t is None or t.device.type != "cpu" or t.is_sparse or t.layout != torch.strided:
             continue
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # opaque (mkldnn) or wrapped tensors
-            continue
+        storage = t.untyped_storage()
         start, size = storage.data_ptr(), storage.nbytes()
         if start == 0 or size < HUGE_PAGE:
             continue

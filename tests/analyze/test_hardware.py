@@ -48,6 +48,8 @@ def test_measuring_this_machine_gives_positive_figures_and_is_saved_for_reuse(hw
     measured = measure_hardware("cpu", copy_mib=1, matmul_n=32, repeats=1)
     assert measured.name == "local"
     assert measured.bandwidth > 0 and set(measured.peak_flops) == {"fp32", "bf16"}
+    copy, read = measured.measured["copy_bandwidth"], measured.measured["read_bandwidth"]
+    assert copy > 0 and read > 0 and measured.bandwidth == max(copy, read)  # the roofline takes the faster
     assert measured.memory_bytes > 0
     assert hardware_file() == hw_file
     save_hardware(measured)

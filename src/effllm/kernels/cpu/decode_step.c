@@ -173,7 +173,7 @@ static void matvec_amx(const uint16_t *w, const float *bias, const float *x, con
         /* Tile loads of 16 rows' 64 bytes do not keep the memory stream going by themselves: each step asks
            for 1 KiB of the next block of 16 rows (contiguous, 1 KiB per step), into L2 (T1/T2 measured
            alike, T0 slower, NTA far slower). In a 64-request bfloat16 run (instrumented build, ad hoc) the
-           four products took 23 ms a step without, 19.3 with T0, 16.9 with T2. */
+           four products took 22-23 ms a step without, 19.2 with T0, 16.9-17.6 with T2, 35-37 with NTA. */
         const char *next = (const char *)(wb + 16 * K);
         for (int64_t kb = 0; kb < KB; kb++) {
             const uint16_t *xk = xt + kb * MB * 512;
